@@ -1,0 +1,69 @@
+"""Grouped-query self-attention with per-head q/k RMSNorm, rotary positions and an optional static KV cache.
+
+Cache layout per layer: k and v of shape (batch, kv_heads, max_len, head_dim), preallocated once. New keys are
+written at `slots` (batch, seq) with an index_put, so a decode step has static shapes and no host synchronisation.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rotary import apply_rotary
+
+
+@dataclass
+class AttentionMeta:
+    """What every attention layer of one forward pass shares."""
+
+    cos: torch.Tensor  # (batch, seq, head_dim)
+    sin: torch.Tensor  # (batch, seq, head_dim)
+    mask: torch.Tensor | None  # (batch, 1, seq, keys) bool, True = may attend; None = causal within seq
+    slots: torch.Tensor | None = None  # (batch, seq) cache slot of each new token; None = no cache
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                 bias: bool = False, qk_norm: bool = True):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, meta: AttentionMeta,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, meta.cos, meta.sin), apply_rotary(k, meta.cos, meta.sin)
+        q = q.transpose(1, 2)  # (batch, heads, seq, head_dim)
+        if cache is not None:
+            k_cache, v_cache = cache
+            rows = torch.arange(batch, device=x.device).unsqueeze(1)  # (batch, 1) broadcasts against slots
+            # k_cache[rows, :, slots] addresses (batch, seq, kv_heads, head_dim): the layout k already has.
+            k_cache[rows, :, meta.slots] = k.to(k_cache.dtype)
+            v_cache[rows, :, meta.slots] = v.to(v_cache.dtype)
+            k, v = k_cache, v_cache
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        out = scaled_dot_product_attention(q, k, v, meta.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 mask: torch.Tensor | None) -> torch.Tensor:
+    """q: (batch, heads, seq, d); k, v: (batch, kv_heads, keys, d); grouped heads share a kv head."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

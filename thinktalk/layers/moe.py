@@ -1,0 +1,100 @@
+"""Sparse mixture-of-experts feed-forward block with an optional sigmoid-gated shared expert.
+
+Experts are stored fused, the layout thinktalk computes with (the checkpoint stores one tensor per expert; the
+loader stacks them):
+    experts.gate_up_proj: (num_experts, 2 * intermediate, hidden)   rows [gate; up]
+    experts.down_proj:    (num_experts, hidden, intermediate)
+
+Routing: softmax over all experts in float32, top-k, renormalised when `norm_topk_prob`. The (token, expert)
+assignments are sorted by expert and run as one grouped matmul per projection; no Python loop over experts or
+tokens, and no host synchronisation, so the block is the same code in prefill and in a captured decode step.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MoeConfig
+from .mlp import GatedMLP
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor,
+                   expert_of_row: torch.Tensor) -> torch.Tensor:
+    """Row r of x (sorted by expert) times weight[expert_of_row[r]].T.
+
+    x: (rows, in); weight: (experts, out, in); group_ends: (experts,) int32 cumulative row counts.
+    Uses torch's grouped GEMM where the device supports it, else gathers each row's expert matrix (the same
+    bytes a batch-1 decode must read anyway).
+    """
+    if _grouped_mm_supported(x):
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=group_ends)
+    return torch.bmm(weight[expert_of_row], x.unsqueeze(-1)).squeeze(-1)
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: (tokens, hidden) -> weights (tokens, top_k) in x's dtype, experts (tokens, top_k)
+        probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        # x: (tokens, hidden); weights, experts: (tokens, top_k)
+        tokens, top_k = experts.shape
+        flat_experts = experts.reshape(-1)  # assignment a = token * top_k + slot
+        order = flat_experts.argsort(stable=True)
+        expert_of_row = flat_experts[order]
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
+        group_ends = counts.cumsum(0, dtype=torch.int32)
+        token_of_row = order // top_k
+        rows = x[token_of_row]  # (tokens * top_k, hidden), grouped by expert
+        gate, up = grouped_matmul(rows, self.gate_up_proj, group_ends, expert_of_row).chunk(2, dim=-1)
+        out = grouped_matmul(F.silu(gate) * up, self.down_proj, group_ends, expert_of_row)
+        out = out * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of_row, out.to(x.dtype))
+
+
+class SparseMoe(nn.Module):
+    """Names match the checkpoint: mlp.gate (router), mlp.experts, mlp.shared_expert, mlp.shared_expert_gate."""
+
+    def __init__(self, hidden_size: int, moe: MoeConfig):
+        super().__init__()
+        self.gate = Router(hidden_size, moe.num_experts, moe.top_k, moe.norm_topk_prob)
+        self.experts = Experts(moe.num_experts, hidden_size, moe.expert_intermediate_size)
+        self.shared_expert = None
+        if moe.shared_expert_intermediate_size > 0:
+            self.shared_expert = GatedMLP(hidden_size, moe.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.gate(x)
+        out = self.experts(x, weights, experts)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(shape)

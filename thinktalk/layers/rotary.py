@@ -1,0 +1,55 @@
+"""Rotary position embeddings: plain 1-D RoPE and Qwen3-Omni's TM-RoPE (time, height, width).
+
+TM-RoPE gives every token a 3-D position (t, h, w). The head_dim/2 rotary frequencies are split among the three axes
+*interleaved*: frequency i rotates by the H position if i % 3 == 1 and i < 3 * section_h, by the W position if
+i % 3 == 2 and i < 3 * section_w, and by the T position otherwise. For text all three positions are equal, so
+TM-RoPE reduces to ordinary RoPE. The cos/sin tables use the "rotate half" layout: (..., head_dim) = two copies of
+the head_dim/2 frequencies.
+"""
+
+import torch
+from torch import nn
+
+
+def mrope_axis_of_frequency(num_freqs: int, section: tuple[int, int, int] | None) -> torch.Tensor:
+    """(num_freqs,) long tensor: which position axis (0=T, 1=H, 2=W) drives each rotary frequency."""
+    axis = torch.zeros(num_freqs, dtype=torch.long)
+    if section is None:
+        return axis
+    i = torch.arange(num_freqs)
+    axis[(i % 3 == 1) & (i < 3 * section[1])] = 1
+    axis[(i % 3 == 2) & (i < 3 * section[2])] = 2
+    return axis
+
+
+class RotaryEmbedding(nn.Module):
+    """Maps positions to (cos, sin) tables of shape (batch, seq, head_dim)."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int] | None = None):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("axis", mrope_axis_of_frequency(head_dim // 2, mrope_section), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (3, batch, seq) for TM-RoPE or (batch, seq) for 1-D.
+        if positions.dim() == 2:
+            positions = positions.unsqueeze(0)
+        # angles per axis: (3|1, batch, seq, head_dim/2); then pick each frequency's axis.
+        angles = positions.float().unsqueeze(-1) * self.inv_freq
+        axis = self.axis if positions.shape[0] == 3 else torch.zeros_like(self.axis)
+        index = axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])
+        freqs = angles.gather(0, index).squeeze(0)  # (batch, seq, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin
