@@ -31,11 +31,6 @@ MIXED_TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def qwen_dir(tmp_path_factory):
-    return build_qwen_tokenizer_files(tmp_path_factory.mktemp("qwen_tokenizer"))
-
-
-@pytest.fixture(scope="session")
 def tok(qwen_dir):
     return Tokenizer.from_dir(qwen_dir)
 

@@ -1,1 +1,5 @@
 """thinktalk: a from-scratch PyTorch engine for the Qwen3-Omni Thinker-Talker models."""
+
+from .omni import GenerationResult, Omni
+
+__all__ = ["Omni", "GenerationResult"]

@@ -22,6 +22,7 @@ class AttentionMeta:
     sin: torch.Tensor  # (batch, seq, head_dim)
     mask: torch.Tensor | None  # (batch, 1, seq, keys) bool, True = may attend; None = causal within seq
     slots: torch.Tensor | None = None  # (batch, seq) cache slot of each new token; None = no cache
+    key_len: int | None = None  # attend to cache slots [0, key_len); None = the whole cache (static decode shape)
 
 
 class Attention(nn.Module):
@@ -50,7 +51,7 @@ class Attention(nn.Module):
             # k_cache[rows, :, slots] addresses (batch, seq, kv_heads, head_dim): the layout k already has.
             k_cache[rows, :, meta.slots] = k.to(k_cache.dtype)
             v_cache[rows, :, meta.slots] = v.to(v_cache.dtype)
-            k, v = k_cache, v_cache
+            k, v = k_cache[:, :, :meta.key_len], v_cache[:, :, :meta.key_len]
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         out = scaled_dot_product_attention(q, k, v, meta.mask)
@@ -59,11 +60,11 @@ class Attention(nn.Module):
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  mask: torch.Tensor | None) -> torch.Tensor:
-    """q: (batch, heads, seq, d); k, v: (batch, kv_heads, keys, d); grouped heads share a kv head."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    """q: (batch, heads, seq, d); k, v: (batch, kv_heads, keys, d); each group of heads shares a kv head.
+
+    `enable_gqa` lets the kernel index the shared kv heads instead of copying the cache once per group.
+    """
+    gqa = q.shape[1] != k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -54,7 +54,7 @@ class DecoderStack(nn.Module):
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
                    cache: "LayerCaches | None" = None, slots: torch.Tensor | None = None,
-                   after_layer: LayerHook | None = None,
+                   key_len: int | None = None, after_layer: LayerHook | None = None,
                    keep_hidden: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (batch, seq, hidden); positions: (3, batch, seq) or (batch, seq).
 
@@ -62,7 +62,7 @@ class DecoderStack(nn.Module):
         (0 = the input embeddings), taken before `after_layer` changes them.
         """
         cos, sin = self.rotary(positions, x.dtype)
-        meta = AttentionMeta(cos=cos, sin=sin, mask=mask, slots=slots)
+        meta = AttentionMeta(cos=cos, sin=sin, mask=mask, slots=slots, key_len=key_len)
         kept = x if keep_hidden == 0 else None
         for i, layer in enumerate(self.layers):
             x = layer(x, meta, None if cache is None else cache.layer(i))

@@ -23,24 +23,31 @@ def mrope_axis_of_frequency(num_freqs: int, section: tuple[int, int, int] | None
 
 
 class RotaryEmbedding(nn.Module):
-    """Maps positions to (cos, sin) tables of shape (batch, seq, head_dim)."""
+    """Maps positions to (cos, sin) tables of shape (batch, seq, head_dim).
+
+    Holds no buffers: the frequency table is rebuilt on the positions' device at each call (head_dim/2 numbers,
+    once per forward, not per layer), so a model built on the meta device needs nothing re-initialised.
+    """
 
     def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int] | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("axis", mrope_axis_of_frequency(head_dim // 2, mrope_section), persistent=False)
+        self.head_dim, self.theta, self.mrope_section = head_dim, theta, mrope_section
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: (3, batch, seq) for TM-RoPE or (batch, seq) for 1-D.
+        device = positions.device
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device)
+                                         / self.head_dim))
         if positions.dim() == 2:
             positions = positions.unsqueeze(0)
         # angles per axis: (3|1, batch, seq, head_dim/2); then pick each frequency's axis.
-        angles = positions.float().unsqueeze(-1) * self.inv_freq
-        axis = self.axis if positions.shape[0] == 3 else torch.zeros_like(self.axis)
-        index = axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])
-        freqs = angles.gather(0, index).squeeze(0)  # (batch, seq, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        angles = positions.float().unsqueeze(-1) * inv_freq
+        if positions.shape[0] == 3:
+            axis = mrope_axis_of_frequency(self.head_dim // 2, self.mrope_section).to(device)
+            freqs = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)
+        else:
+            freqs = angles[0]
+        emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq, head_dim)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

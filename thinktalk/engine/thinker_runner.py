@@ -1,0 +1,115 @@
+"""Runs the Thinker over a static KV cache: one prefill of a right-padded batch, then fixed-shape decode steps.
+
+Cache slots: row b's prompt occupies slots [0, length_b); decode step n writes slot length_b + n. Padding tokens of
+shorter rows are written past their row's length during prefill, but a query at slot s only attends to slots <= s,
+all of which hold real tokens by the time it is asked, so padding never leaks into a reply.
+
+A decode step reads and writes only device tensors (lengths, rope deltas, cache) and has static shapes, so it can
+be captured as a CUDA graph; the host learns the sampled tokens only in the generation loop around it.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..layers.decoder import LayerHook
+from ..models.thinker import Thinker
+from .kv_cache import LayerCaches
+from .sampler import Sampler
+
+
+@dataclass
+class PrefillInputs:
+    """A right-padded batch of prompts, ready for the language model."""
+
+    token_ids: torch.Tensor  # (batch, seq) long; a short row is padded with its own last token
+    embeds: torch.Tensor  # (batch, seq, hidden)
+    positions: torch.Tensor  # (3, batch, seq) TM-RoPE positions
+    lengths: torch.Tensor  # (batch,) long: real tokens per row
+    rope_deltas: torch.Tensor  # (batch,) long: decode position = cache slot + delta
+    after_layer: LayerHook | None = None  # deepstack injection of visual features
+    keep_hidden: int | None = None  # also return hidden states after this many layers (for the talker)
+
+
+def text_prefill_inputs(thinker: Thinker, prompts: list[list[int]], device: torch.device) -> PrefillInputs:
+    """Token-id prompts of different lengths -> PrefillInputs with plain text positions (t = h = w = index)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row] = prompt[-1]  # padding repeats a token the row already has: harmless to the repetition penalty
+        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    ids = ids.to(device)
+    positions = torch.arange(longest, device=device).view(1, 1, -1).expand(3, len(prompts), -1)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    return PrefillInputs(ids, thinker.embed(ids), positions, lengths, torch.zeros_like(lengths))
+
+
+class ThinkerRunner:
+    def __init__(self, thinker: Thinker, batch: int, max_len: int):
+        param = thinker.lm_head.weight
+        self.thinker, self.batch, self.max_len = thinker, batch, max_len
+        self.device = param.device
+        self.cache = LayerCaches(thinker.cfg.text, batch, max_len, param.dtype, param.device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.rope_deltas = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.key_slots = torch.arange(max_len, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, inputs: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (logits at each row's last prompt token (batch, vocab), kept hidden states or None)."""
+        batch, seq, _ = inputs.embeds.shape
+        assert batch == self.batch and seq <= self.max_len, (batch, seq, self.batch, self.max_len)
+        slots = torch.arange(seq, device=self.device).expand(batch, seq)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=self.device).tril().view(1, 1, seq, seq)
+        logits, _, kept = self.thinker(inputs.embeds, inputs.positions, mask=causal, cache=self.cache, slots=slots,
+                                       key_len=seq, after_layer=inputs.after_layer, keep_hidden=inputs.keep_hidden,
+                                       logits_at=inputs.lengths - 1)
+        self.lengths.copy_(inputs.lengths)
+        self.rope_deltas.copy_(inputs.rope_deltas)
+        return logits, kept
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (batch,) the last sampled token per row -> next-token logits (batch, vocab)."""
+        slots = self.lengths.unsqueeze(1)  # (batch, 1)
+        positions = (self.lengths + self.rope_deltas).view(1, -1, 1).expand(3, -1, 1)
+        mask = (self.key_slots.view(1, 1, 1, -1) <= slots.view(-1, 1, 1, 1))  # (batch, 1, 1, max_len)
+        embeds = self.thinker.embed(tokens.unsqueeze(1))
+        logits, _, _ = self.thinker(embeds, positions, mask=mask, cache=self.cache, slots=slots)
+        self.lengths.add_(1)
+        return logits[:, -1]
+
+
+@dataclass
+class StepOutput:
+    """One decode step seen from the host: the token each row produced, and which rows have now finished."""
+
+    tokens: list[int]
+    finished: list[bool]  # finished after this token (it was a stop token, or the budget ran out)
+    active: list[bool]  # the row was still generating at this step (its token belongs to its reply)
+
+
+def generate_tokens(runner: ThinkerRunner, inputs: PrefillInputs, sampler: Sampler, max_new_tokens: int,
+                    stop_ids: set[int]) -> Iterator[StepOutput]:
+    """Prefill, then decode until every row has produced a stop token or `max_new_tokens` tokens."""
+    longest = int(inputs.lengths.max())
+    if longest + max_new_tokens > runner.max_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the cache "
+                         f"({runner.max_len} slots)")
+    sampler.observe(inputs.token_ids)  # prompt tokens count for the repetition penalty, as in the reference
+    logits, _ = runner.prefill(inputs)
+    done = [False] * runner.batch
+    for step in range(max_new_tokens):
+        tokens = sampler(logits)
+        host = tokens.tolist()
+        active = [not d for d in done]
+        for row, token in enumerate(host):
+            if not done[row] and (token in stop_ids or step == max_new_tokens - 1):
+                done[row] = True
+        yield StepOutput(host, list(done), active)
+        if all(done):
+            return
+        logits = runner.decode_step(tokens)

@@ -1,0 +1,177 @@
+"""The public entry point: `Omni.from_pretrained(path)` and `Omni.generate(messages, ...)`.
+
+    messages --prompt--> ChatML text --tokenizer--> ids --ThinkerRunner (prefill, decode steps)--> ids --> text
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import OmniConfig, SamplingConfig, load_config
+from .engine.sampler import Sampler
+from .engine.thinker_runner import ThinkerRunner, generate_tokens, text_prefill_inputs
+from .models.omni import OmniModel
+from .processing.prompt import render_chat
+from .processing.tokenizer import IncrementalDetokenizer, Tokenizer
+from .weights import load_weights, materialize
+
+SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the reply's tokens, prompt excluded, stop token included when one was produced
+    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Done:
+    result: GenerationResult
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A local directory, or a Hugging Face repo id already in the local cache. Never downloads."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    text = str(path)
+    if text.count("/") == 1 and not local.exists():
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+        repo = hub.expanduser() / ("models--" + text.replace("/", "--"))
+        ref = repo / "refs" / "main"
+        snapshots = repo / "snapshots"
+        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+            return snapshots / ref.read_text().strip()
+        if snapshots.is_dir() and (found := sorted(p for p in snapshots.iterdir() if p.is_dir())):
+            return found[-1]
+        raise FileNotFoundError(f"{text!r} is not a local directory and is not in the local Hugging Face cache "
+                                f"({repo}); thinktalk never downloads: fetch the checkpoint first")
+    raise FileNotFoundError(f"checkpoint directory {text!r} does not exist")
+
+
+def _pick_device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
+        dtype = SUPPORTED_DTYPES[dtype]
+    if dtype not in SUPPORTED_DTYPES.values():
+        raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
+    return device, dtype
+
+
+class Omni:
+    def __init__(self, cfg: OmniConfig, model: OmniModel, tokenizer: Tokenizer, path: Path):
+        self.cfg, self.model, self.tokenizer, self.path = cfg, model, tokenizer, path
+        self.device = model.thinker.lm_head.weight.device
+        self.dtype = model.thinker.lm_head.weight.dtype
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, audio_output: bool | None = None,
+                        show_progress: bool | None = None) -> "Omni":
+        directory = resolve_checkpoint(path)
+        cfg = load_config(directory)
+        device, dtype = _pick_device_and_dtype(device, dtype)
+        if audio_output is None:
+            audio_output = cfg.has_audio_output
+        tokenizer = Tokenizer.from_dir(directory)
+        with torch.device("meta"):
+            model = OmniModel(cfg, audio_output=audio_output)
+        model = materialize(model, device, dtype).eval()
+        skip = () if audio_output else ("talker.", "code2wav.")
+        load_weights(model, directory, device, dtype, skip_prefixes=skip, show_progress=show_progress)
+        return cls(cfg, model, tokenizer, directory)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Text generation
+
+    def sampling(self, *, max_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None,
+                 repetition_penalty=None) -> SamplingConfig:
+        """The checkpoint's defaults overridden by whatever the caller set."""
+        given = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                     top_p=top_p, repetition_penalty=repetition_penalty)
+        return dataclasses.replace(self.cfg.thinker_sampling, **{k: v for k, v in given.items() if v is not None})
+
+    def encode_prompt(self, messages: list) -> list[int]:
+        return self.tokenizer.encode(render_chat(messages))
+
+    def generate(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                 **sampling) -> GenerationResult | list[GenerationResult]:
+        """One conversation -> GenerationResult; a list of conversations -> a list, decoded together as a batch."""
+        batched = isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
+        conversations = messages if batched else [messages]
+        prompts = [self.encode_prompt(conversation) for conversation in conversations]
+        results = self._generate_ids(prompts, self.sampling(**sampling), seed, stop_token_ids)
+        return results if batched else results[0]
+
+    def stream_text(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                    **sampling) -> Iterator[TextDelta | Done]:
+        """Yields TextDelta events as tokens arrive (never a broken UTF-8 character), then Done."""
+        prompt = self.encode_prompt(messages)
+        params = self.sampling(**sampling)
+        stops = set(stop_token_ids or self.cfg.stop_token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        reply: list[int] = []
+        for step in self._steps([prompt], params, seed, stops):
+            token = step.tokens[0]
+            reply.append(token)
+            piece = "" if token in stops else detok.push(token)
+            if step.finished[0]:
+                piece += detok.flush()
+            if piece:
+                yield TextDelta(piece, [token])
+        yield Done(self._result(prompt, reply, stops, params))
+
+    def _steps(self, prompts: list[list[int]], params: SamplingConfig, seed: int | None, stops: set[int]):
+        thinker = self.model.thinker
+        runner = ThinkerRunner(thinker, len(prompts), max(map(len, prompts)) + params.max_new_tokens)
+        inputs = text_prefill_inputs(thinker, prompts, self.device)
+        sampler = Sampler(params, len(prompts), thinker.cfg.text.vocab_size, self.device, seed=seed)
+        return generate_tokens(runner, inputs, sampler, params.max_new_tokens, stops)
+
+    def _generate_ids(self, prompts, params, seed, stop_token_ids) -> list[GenerationResult]:
+        stops = set(stop_token_ids or self.cfg.stop_token_ids)
+        replies: list[list[int]] = [[] for _ in prompts]
+        for step in self._steps(prompts, params, seed, stops):
+            for row, token in enumerate(step.tokens):
+                if step.active[row]:
+                    replies[row].append(token)
+        return [self._result(p, r, stops, params) for p, r in zip(prompts, replies)]
+
+    def _result(self, prompt: list[int], reply: list[int], stops: set[int], params: SamplingConfig):
+        stopped = bool(reply) and reply[-1] in stops
+        text_ids = reply[:-1] if stopped else reply
+        return GenerationResult(
+            text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+            token_ids=reply,
+            finish_reason="stop" if stopped else "length",
+            usage=Usage(len(prompt), len(reply)),
+        )
