@@ -489,17 +489,20 @@ def _parse_sampling(f: _Fields, base: SamplingConfig, prefix: str = "") -> Sampl
         key = prefix + name
         return reader(key) if f.has(key) else getattr(base, name)
 
+    # Type errors are raised by the readers (already naming file and key); range errors by SamplingConfig, whose
+    # messages start with the bare field name, so the key's prefix (e.g. talker_) is added back here.
+    values = dict(
+        do_sample=pick("do_sample", f.bool),
+        temperature=pick("temperature", f.float),
+        top_k=pick("top_k", f.int),
+        top_p=pick("top_p", f.float),
+        repetition_penalty=pick("repetition_penalty", f.float),
+        max_new_tokens=pick("max_new_tokens", f.int),
+    )
     try:
-        return SamplingConfig(
-            do_sample=pick("do_sample", f.bool),
-            temperature=pick("temperature", f.float),
-            top_k=pick("top_k", f.int),
-            top_p=pick("top_p", f.float),
-            repetition_penalty=pick("repetition_penalty", f.float),
-            max_new_tokens=pick("max_new_tokens", f.int),
-        )
+        return SamplingConfig(**values)
     except ValueError as error:
-        raise ConfigError(f"{f.file}: {error}") from None
+        raise ConfigError(f"{f.file}: {prefix}{error}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -82,6 +82,9 @@ def shard_files(checkpoint_dir: Path) -> dict[Path, list[str] | None]:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise CheckpointError(f"{index_path}: not a valid safetensors index ({error!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+            raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names, "
+                                  f"got {str(weight_map)[:80]}")
         shards: dict[Path, list[str]] = {}
         for key, file in weight_map.items():
             shards.setdefault(checkpoint_dir / file, []).append(key)
