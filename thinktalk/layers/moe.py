@@ -6,8 +6,11 @@ loader stacks them):
     experts.down_proj:    (num_experts, hidden, intermediate)
 
 Routing: softmax over all experts in float32, top-k, renormalised when `norm_topk_prob`. The (token, expert)
-assignments are sorted by expert and run as one grouped matmul per projection; no Python loop over experts or
-tokens, and no host synchronisation, so the block is the same code in prefill and in a captured decode step.
+assignments are sorted by expert, so each expert sees its tokens as one contiguous block of rows. Then:
+  - on an accelerator, one grouped matmul per projection over all experts: no Python loop and no host
+    synchronisation, so the same code runs in prefill and in a captured decode step;
+  - on the CPU, where a host sync costs nothing and torch's grouped GEMM walks every expert (even idle ones),
+    one loop over the experts that received tokens, each doing its whole block at once (measured 2-10x faster).
 """
 
 import torch
@@ -32,11 +35,21 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tens
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return (hasattr(F, "grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def experts_by_block(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                     group_ends: torch.Tensor) -> torch.Tensor:
+    """CPU path: rows (sorted by expert) through each active expert's SwiGLU as one block. -> (rows, hidden)."""
+    out = torch.empty(rows.shape[0], down.shape[1], dtype=rows.dtype, device=rows.device)
+    start = 0
+    for expert, end in enumerate(group_ends.tolist()):
+        if end > start:
+            gate, up = F.linear(rows[start:end], gate_up[expert]).chunk(2, dim=-1)
+            out[start:end] = F.linear(F.silu(gate) * up, down[expert])
+        start = end
+    return out
 
 
 class Router(nn.Module):
@@ -72,8 +85,11 @@ class Experts(nn.Module):
         group_ends = counts.cumsum(0, dtype=torch.int32)
         token_of_row = order // top_k
         rows = x[token_of_row]  # (tokens * top_k, hidden), grouped by expert
-        gate, up = grouped_matmul(rows, self.gate_up_proj, group_ends, expert_of_row).chunk(2, dim=-1)
-        out = grouped_matmul(F.silu(gate) * up, self.down_proj, group_ends, expert_of_row)
+        if x.device.type == "cpu":
+            out = experts_by_block(rows, self.gate_up_proj, self.down_proj, group_ends)
+        else:
+            gate, up = grouped_matmul(rows, self.gate_up_proj, group_ends, expert_of_row).chunk(2, dim=-1)
+            out = grouped_matmul(F.silu(gate) * up, self.down_proj, group_ends, expert_of_row)
         out = out * weights.reshape(-1)[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of_row, out.to(x.dtype))
 

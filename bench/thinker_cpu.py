@@ -1,0 +1,120 @@
+"""Thinker prefill and decode speed on the CPU: thinktalk and the reference (transformers) side by side, one run.
+
+    python bench/thinker_cpu.py [--size tiny|small] [--new-tokens 64] [--prompt 256] [--threads 2]
+
+Builds one random Qwen3-Omni checkpoint with the reference, saves it, loads it into thinktalk, and times both on
+the same prompts. Prints tokens per second and the ratio. Machines are noisy: compare ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from checkpoints import build_reference, save_reference, tiny_config_dict  # noqa: E402
+
+from thinktalk.config import SamplingConfig  # noqa: E402
+from thinktalk.engine.sampler import Sampler  # noqa: E402
+from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs  # noqa: E402
+from thinktalk.omni import Omni  # noqa: E402
+from thinktalk.processing.tokenizer import build_qwen_tokenizer_files  # noqa: E402
+
+
+BENCH_VOCAB = 16384  # small enough that the lm_head does not dominate a step (in the real model it is ~1/10th)
+
+
+def bench_config(size: str) -> dict:
+    """The test suite's tiny thinker (or a wider one), with a BENCH_VOCAB-token vocabulary."""
+    config = tiny_config_dict(talker=False)
+    config["thinker_config"]["text_config"]["vocab_size"] = BENCH_VOCAB
+    if size == "small":  # wide enough that matmuls, not Python, take most of the time
+        config["thinker_config"]["text_config"].update(hidden_size=512, moe_intermediate_size=256,
+                                                       num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                                                       num_experts=32, num_experts_per_tok=4, num_hidden_layers=4)
+        config["thinker_config"]["text_config"]["rope_parameters"]["mrope_section"] = [16, 8, 8]
+        config["thinker_config"]["audio_config"]["output_dim"] = 512
+        config["thinker_config"]["vision_config"]["out_hidden_size"] = 512
+    return config
+
+
+def best_of(runs: int, fn) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def thinktalk_times(omni: Omni, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens steps) for one batch."""
+    thinker = omni.model.thinker
+    runner = ThinkerRunner(thinker, len(prompts), max(map(len, prompts)) + new_tokens + 1)
+    sampler = Sampler(SamplingConfig(), len(prompts), thinker.cfg.text.vocab_size, omni.device)
+    start = time.perf_counter()
+    logits, _ = runner.prefill(text_prefill_inputs(thinker, prompts, omni.device))
+    tokens = sampler(logits)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        tokens = sampler(runner.decode_step(tokens))
+    tokens.tolist()
+    return prefill, time.perf_counter() - start
+
+
+def reference_times(reference, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """The reference's generate() with 1 new token (prefill) and with new_tokens + 1; decode = the difference."""
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def generate(n):
+        with torch.no_grad():
+            reference.thinker.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False)
+
+    prefill = best_of(3, lambda: generate(1))
+    whole = best_of(3, lambda: generate(new_tokens + 1))
+    return prefill, max(whole - prefill, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["small", "tiny"], default="tiny")
+    parser.add_argument("--prompt", type=int, default=256, help="prompt length in tokens")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = build_reference(bench_config(args.size), seed=0)
+        path = save_reference(reference, Path(tmp) / "ckpt")
+        build_qwen_tokenizer_files(path)
+        omni = Omni.from_pretrained(path, device="cpu", dtype="float32", show_progress=False)
+
+    print(f"thinker on CPU, {args.size} random model (vocab {BENCH_VOCAB}), float32, {args.threads} threads, "
+          f"prompt {args.prompt} tokens, {args.new_tokens} new tokens (greedy)")
+    print(f"{'batch':>5} | {'':9} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for batch in args.batches:
+        gen = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(0, omni.cfg.thinker.text.vocab_size, (batch, args.prompt), generator=gen).tolist()
+        thinktalk_times(omni, prompts, 4)  # warm-up
+        runs = [thinktalk_times(omni, prompts, args.new_tokens) for _ in range(3)]
+        ours = (min(r[0] for r in runs), min(r[1] for r in runs))
+        theirs = reference_times(reference, prompts, args.new_tokens)
+        rows = {"thinktalk": ours, "reference": theirs}
+        for name, (prefill, decode) in rows.items():
+            print(f"{batch:>5} | {name:9} {batch * args.prompt / prefill:14.0f} {batch * args.new_tokens / decode:13.1f}")
+        print(f"{batch:>5} | {'ratio':9} {theirs[0] / ours[0]:13.2f}x {theirs[1] / ours[1]:12.2f}x")
+
+
+if __name__ == "__main__":
+    main()
