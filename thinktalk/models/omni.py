@@ -6,6 +6,8 @@ Its state_dict names equal the checkpoint's keys, except that MoE experts are he
 from torch import nn
 
 from ..config import OmniConfig
+from .code2wav import Code2Wav
+from .talker import Talker
 from .thinker import Thinker
 
 
@@ -20,7 +22,5 @@ class OmniModel(nn.Module):
             if not cfg.has_audio_output:
                 raise ValueError("audio output was requested but this checkpoint has no talker/code2wav "
                                  "(a thinker-only model such as -Thinking or -Captioner)")
-            from .code2wav import Code2Wav
-            from .talker import Talker
             self.talker = Talker(cfg.talker)
             self.code2wav = Code2Wav(cfg.code2wav)
