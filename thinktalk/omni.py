@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from .processing.prompt import render_chat
 from .processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from .weights import load_weights, materialize
 
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,7 +61,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if local.is_dir():
         return local
     text = str(path)
-    if text.count("/") == 1 and not local.exists():
+    if REPO_ID.fullmatch(text) and not local.exists():
         hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
         repo = hub.expanduser() / ("models--" + text.replace("/", "--"))
         ref = repo / "refs" / "main"

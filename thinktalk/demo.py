@@ -1,0 +1,91 @@
+"""The built-in demo checkpoint: the full Qwen3-Omni structure at toy width, with RANDOM weights.
+
+It has every module of the released Instruct model (audio and vision encoders, MoE thinker, talker with its shared
+expert, code predictor, code2wav), the real special token ids and the real Qwen vocabulary (converted offline from
+the `dashscope` package). Its words are meaningless: it exists so that every path of thinktalk runs on a fresh
+machine in seconds. Any real checkpoint directory works in its place.
+
+It is created deterministically on first use and cached; a half-written cache is never visible (it is built in a
+temporary directory beside the cache and renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import parse_config
+from .models.omni import OmniModel
+from .processing.tokenizer import build_qwen_tokenizer_files
+from .weights import SINGLE_FILE, checkpoint_layout
+
+DEMO_VERSION = 1  # bump when the demo's config or weight recipe changes: a new cache directory is made
+DEMO_SEED = 20251122
+DEMO_NOTICE = ("thinktalk demo checkpoint: the Qwen3-Omni structure with RANDOM weights - its words are "
+               "meaningless. Pass --model DIR to use a real checkpoint.")
+
+
+def demo_config() -> dict:
+    return json.loads(resources.files("thinktalk").joinpath("assets/demo_config.json").read_text())
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("THINKTALK_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "thinktalk"
+    return Path(base).expanduser()
+
+
+def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
+    """The demo checkpoint's directory, built on first use."""
+    target = (cache_dir or default_cache_dir()) / f"demo-v{DEMO_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
+    try:
+        write_demo_checkpoint(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_demo_checkpoint(directory: Path) -> None:
+    config = demo_config()
+    model = OmniModel(parse_config(config), audio_output=True)
+    randomize_(model, DEMO_SEED)
+    state = model.state_dict()
+    tensors = {}
+    for key, source in sorted(checkpoint_layout(model).items()):  # back to the released per-expert layout
+        tensors[key] = state[source.target][source.index].contiguous().clone()
+    build_qwen_tokenizer_files(directory)
+    save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))  # written last: marks completeness
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Weights strong enough to give varied tokens and audible audio: matrices N(0, 1/sqrt(fan_in)),
+    embeddings N(0, 1), norm scales near 1, other vectors small."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() >= 2:
+                fan_in = math.prod(param.shape[1:]) if param.dim() > 3 else param.shape[-1]
+                std = 1.0 if "embed" in name else 1.0 / math.sqrt(fan_in)
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+            elif "norm" in name or name.endswith("scale"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
