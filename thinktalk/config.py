@@ -19,81 +19,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from .config_reader import ConfigError, FieldReader
+
+__all__ = ["ConfigError", "OmniConfig", "load_config", "parse_config"]
 
 MODEL_TYPE = "qwen3_omni_moe"
-
-
-class ConfigError(ValueError):
-    """A checkpoint config is missing a field, has a wrong type, or is inconsistent. Names the field and file."""
-
-
-_MISSING = object()
-
-
-class _Fields:
-    """Reads typed fields from one JSON object, naming `file: a.b.c` in every error."""
-
-    def __init__(self, data: dict, file: Path | str, prefix: str = ""):
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: {prefix or 'top level'} must be a JSON object, got {type(data).__name__}")
-        self.data, self.file, self.prefix = data, file, prefix
-
-    def where(self, name: str) -> str:
-        return f"{self.file}: {self.prefix}{name}"
-
-    def fail(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.where(name)} {problem}")
-
-    def has(self, name: str) -> bool:
-        return self.data.get(name) is not None
-
-    def raw(self, name: str, default: Any = _MISSING) -> Any:
-        value = self.data.get(name)
-        if value is None:
-            if default is _MISSING:
-                raise self.fail(name, "is required but missing")
-            return default
-        return value
-
-    def int(self, name: str, default: Any = _MISSING, minimum: int | None = None) -> int:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(name, f"must be an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise self.fail(name, f"must be >= {minimum}, got {value}")
-        return value
-
-    def float(self, name: str, default: Any = _MISSING, positive: bool = False) -> float:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(name, f"must be a number, got {value!r}")
-        if positive and not value > 0:
-            raise self.fail(name, f"must be > 0, got {value}")
-        return float(value)
-
-    def bool(self, name: str, default: Any = _MISSING) -> bool:
-        value = self.raw(name, default)
-        if not isinstance(value, bool):
-            raise self.fail(name, f"must be true or false, got {value!r}")
-        return value
-
-    def str(self, name: str, default: Any = _MISSING) -> str:
-        value = self.raw(name, default)
-        if not isinstance(value, str):
-            raise self.fail(name, f"must be a string, got {value!r}")
-        return value
-
-    def ints(self, name: str, default: Any = _MISSING) -> tuple[int, ...]:
-        value = self.raw(name, default)
-        if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            raise self.fail(name, f"must be a list of integers, got {value!r}")
-        return tuple(value)
-
-    def sub(self, name: str) -> "_Fields":
-        return _Fields(self.raw(name), self.file, f"{self.prefix}{name}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,13 +77,13 @@ class DecoderConfig:
         )
 
 
-def _parse_rope(f: _Fields, head_dim: int, want_mrope: bool) -> RopeConfig:
+def _parse_rope(f: FieldReader, head_dim: int, want_mrope: bool) -> RopeConfig:
     if f.has("rope_parameters"):  # transformers 5.x
         params = f.sub("rope_parameters")
         theta = params.float("rope_theta", positive=True)
     else:  # transformers 4.x: rope_theta beside an optional rope_scaling holding mrope_section
         theta = f.float("rope_theta", positive=True)
-        params = f.sub("rope_scaling") if f.has("rope_scaling") else _Fields({}, f.file, f.prefix + "rope_scaling.")
+        params = f.sub("rope_scaling") if f.has("rope_scaling") else FieldReader({}, f.file, f.prefix + "rope_scaling.")
     rope_type = params.str("rope_type", params.str("type", "default"))
     if rope_type != "default":
         raise params.fail("rope_type", f"must be 'default' (the only kind Qwen3-Omni uses), got {rope_type!r}")
@@ -165,7 +96,7 @@ def _parse_rope(f: _Fields, head_dim: int, want_mrope: bool) -> RopeConfig:
     return RopeConfig(theta=theta, mrope_section=section)
 
 
-def _parse_decoder(f: _Fields, *, mrope: bool, experts_key: str = "num_experts", sparse: bool = True) -> DecoderConfig:
+def _parse_decoder(f: FieldReader, *, mrope: bool, experts_key: str = "num_experts", sparse: bool = True) -> DecoderConfig:
     hidden = f.int("hidden_size", minimum=1)
     heads = f.int("num_attention_heads", minimum=1)
     kv_heads = f.int("num_key_value_heads", heads, minimum=1)
@@ -247,7 +178,7 @@ class VisionEncoderConfig:
     hidden_act: str = "gelu_pytorch_tanh"
 
 
-def _parse_audio(f: _Fields) -> AudioEncoderConfig:
+def _parse_audio(f: FieldReader) -> AudioEncoderConfig:
     d_model, heads = f.int("d_model", minimum=1), f.int("encoder_attention_heads", minimum=1)
     if d_model % heads:
         raise f.fail("encoder_attention_heads", f"({heads}) must divide d_model ({d_model})")
@@ -267,7 +198,7 @@ def _parse_audio(f: _Fields) -> AudioEncoderConfig:
     )
 
 
-def _parse_vision(f: _Fields) -> VisionEncoderConfig:
+def _parse_vision(f: FieldReader) -> VisionEncoderConfig:
     hidden, heads = f.int("hidden_size", minimum=1), f.int("num_heads", minimum=1)
     if hidden % heads:
         raise f.fail("num_heads", f"({heads}) must divide hidden_size ({hidden})")
@@ -314,7 +245,7 @@ class ThinkerConfig:
     seconds_per_chunk: int
 
 
-def _parse_thinker(f: _Fields) -> ThinkerConfig:
+def _parse_thinker(f: FieldReader) -> ThinkerConfig:
     text = _parse_decoder(f.sub("text_config"), mrope=True)
     audio = _parse_audio(f.sub("audio_config"))
     vision = _parse_vision(f.sub("vision_config"))
@@ -363,7 +294,7 @@ class TalkerConfig:
         return table[key]
 
 
-def _parse_talker(f: _Fields, thinker: ThinkerConfig) -> TalkerConfig:
+def _parse_talker(f: FieldReader, thinker: ThinkerConfig) -> TalkerConfig:
     text = _parse_decoder(f.sub("text_config"), mrope=True, experts_key="num_local_experts")
     if not text.moe and f.sub("text_config").has("num_experts"):
         text = _parse_decoder(f.sub("text_config"), mrope=True, experts_key="num_experts")
@@ -423,7 +354,7 @@ class Code2WavConfig:
         return math.prod(self.upsample_rates) * math.prod(self.upsampling_ratios)
 
 
-def _parse_code2wav(f: _Fields) -> Code2WavConfig:
+def _parse_code2wav(f: FieldReader) -> Code2WavConfig:
     hidden, heads = f.int("hidden_size", minimum=1), f.int("num_attention_heads", minimum=1)
     if hidden % heads:
         raise f.fail("num_attention_heads", f"({heads}) must divide hidden_size ({hidden})")
@@ -484,7 +415,7 @@ DEFAULT_TALKER_SAMPLING = SamplingConfig(
 )
 
 
-def _parse_sampling(f: _Fields, base: SamplingConfig, prefix: str = "") -> SamplingConfig:
+def _parse_sampling(f: FieldReader, base: SamplingConfig, prefix: str = "") -> SamplingConfig:
     def pick(name, reader):
         key = prefix + name
         return reader(key) if f.has(key) else getattr(base, name)
@@ -534,7 +465,7 @@ class OmniConfig:
 
 def parse_config(data: dict, file: Path | str = "config.json", generation: dict | None = None,
                  generation_file: Path | str = "generation_config.json") -> OmniConfig:
-    f = _Fields(data, file)
+    f = FieldReader(data, file)
     model_type = f.str("model_type")
     if model_type != MODEL_TYPE:
         raise f.fail("model_type", f"must be {MODEL_TYPE!r} (a Qwen3-Omni checkpoint), got {model_type!r}")
@@ -545,7 +476,7 @@ def parse_config(data: dict, file: Path | str = "config.json", generation: dict 
     im_end = f.int("im_end_token_id", 151645)
     thinker_sampling, talker_sampling, stops = DEFAULT_THINKER_SAMPLING, DEFAULT_TALKER_SAMPLING, [im_end]
     if generation is not None:
-        g = _Fields(generation, generation_file)
+        g = FieldReader(generation, generation_file)
         thinker_sampling = _parse_sampling(g, DEFAULT_THINKER_SAMPLING)
         talker_sampling = _parse_sampling(g, DEFAULT_TALKER_SAMPLING, prefix="talker_")
         eos = g.raw("eos_token_id", [])
