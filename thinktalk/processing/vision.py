@@ -1,0 +1,384 @@
+"""Images and videos -> vision-encoder patches, as Qwen3-Omni's processor lays them out.
+
+Pipeline (one frame): decode -> EXIF orientation -> RGB (alpha composited on white) -> bicubic resize in PIL to a
+multiple of patch*merge (`smart_resize`) -> uint8 * rescale_factor (computed in float64, stored float32) ->
+(x - mean) / std in float32 -> patches.
+
+Patch layout: each row is one `patch_size` x `patch_size` patch flattened as (channel, time, row, col), i.e.
+3 * temporal_patch_size * P * P values. Rows are ordered by temporal group, then by merge window (row-major over
+the (H/P/merge, W/P/merge) grid), then row-major inside the merge x merge window, so every `merge**2` consecutive rows
+form one LLM token. An image is a single temporal group whose frame is repeated `temporal_patch_size` times; a video
+of frames f0, f1, f2, f3 is two groups (f0, f1) and (f2, f3), so the patches of a video of identical frame pairs
+equal the concatenated image patches of those frames.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# PIL resampling filter ids as stored in preprocessor_config.json ("resample": 3 is bicubic).
+PIL_BICUBIC = 3
+DATA_URL_PREFIX = "data:"
+BASE64_MARKER = ";base64"
+ERROR_NAME_CHARS = 64  # how much of a long source (data URL, bytes) an error message quotes
+RGB_CHANNELS = 3
+WHITE = (255, 255, 255, 255)
+
+
+@dataclass(frozen=True)
+class VisionProcessorConfig:
+    """Image/video preprocessing numbers; defaults are the released Qwen3-Omni checkpoint's."""
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 3_136  # 56 * 56
+    max_pixels: int = 12_845_056  # 16384 * 28 * 28
+    max_aspect_ratio: float = 200.0
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    resample: int = PIL_BICUBIC
+    # Refuse to decode images whose header claims more pixels than this (decompression bombs).
+    max_decode_pixels: int = 8192 * 8192
+    # Video: sampling rate and frame-count bounds of Qwen's helper, per-frame and whole-video pixel budgets.
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    video_min_pixels: int = 100_352  # 128 * 28 * 28
+    video_max_pixels: int = 602_112  # 768 * 28 * 28
+    video_total_pixels: int = 90_316_800  # 128000 * 28 * 28 * 0.9
+    video_min_pixels_headroom: float = 1.05  # per-frame floor = video_min_pixels * this
+
+    @property
+    def factor(self) -> int:
+        """Side multiple of every resized frame: one LLM token covers factor x factor pixels."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "VisionProcessorConfig":
+        """Read `preprocessor_config.json` / `video_preprocessor_config.json` from a checkpoint directory."""
+        root = Path(path)
+        fields: dict[str, Any] = {}
+        image_json = _read_json(root / "preprocessor_config.json")
+        for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "resample"):
+            if key in image_json:
+                fields[key] = image_json[key]
+        for key in ("image_mean", "image_std"):
+            if key in image_json:
+                fields[key] = tuple(float(v) for v in image_json[key])
+        fields.update(_pixel_bounds(image_json, "min_pixels", "max_pixels"))
+        video_json = _read_json(root / "video_preprocessor_config.json")
+        for src, dst in (("fps", "video_fps"), ("min_frames", "video_min_frames"), ("max_frames", "video_max_frames")):
+            if video_json.get(src) is not None:
+                fields[dst] = video_json[src]
+        fields.update(_pixel_bounds(video_json, "video_min_pixels", "video_max_pixels"))
+        return cls(**fields)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _pixel_bounds(blob: dict, min_key: str, max_key: str) -> dict[str, int]:
+    """min/max pixels from `min_pixels`/`max_pixels`, else from `size.shortest_edge`/`size.longest_edge`."""
+    size = blob.get("size") or {}
+    out = {}
+    low = blob.get("min_pixels", size.get("shortest_edge"))
+    high = blob.get("max_pixels", size.get("longest_edge"))
+    if low is not None:
+        out[min_key] = int(low)
+    if high is not None:
+        out[max_key] = int(high)
+    return out
+
+
+class VisionInputError(ValueError):
+    """An image or video input cannot be used; the message names the input."""
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, str) and source.startswith(DATA_URL_PREFIX):
+        head = source[:ERROR_NAME_CHARS]
+        return f"data URL {head!r}{'...' if len(source) > ERROR_NAME_CHARS else ''}"
+    return repr(str(source))
+
+
+def _decode_data_url(url: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(BASE64_MARKER) or not header[len(DATA_URL_PREFIX):].startswith("image/"):
+        raise VisionInputError(f"{_describe(url)}: not a base64 image data URL (data:image/...;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as exc:
+        raise VisionInputError(f"{_describe(url)}: invalid base64 payload ({exc})") from exc
+
+
+def _source_bytes(source: str | Path | bytes | bytearray) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    if isinstance(source, str) and source.startswith(DATA_URL_PREFIX):
+        return _decode_data_url(source)
+    if isinstance(source, str) and "://" in source:
+        raise VisionInputError(f"{_describe(source)}: URLs are not fetched; pass a local path, bytes or data URL")
+    path = Path(source)
+    if not path.is_file():
+        raise VisionInputError(f"{_describe(source)}: no such image file")
+    return path.read_bytes()
+
+
+def _check_pixels(width: int, height: int, name: str, cfg: VisionProcessorConfig) -> None:
+    if width * height > cfg.max_decode_pixels:
+        raise VisionInputError(
+            f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {cfg.max_decode_pixels} "
+            "(possible decompression bomb)"
+        )
+    if width < 1 or height < 1:
+        raise VisionInputError(f"{name}: empty image ({width}x{height})")
+
+
+def _decode(data: bytes, name: str, cfg: VisionProcessorConfig) -> Image.Image:
+    if not data:
+        raise VisionInputError(f"{name}: empty input")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise VisionInputError(f"{name}: refused as a decompression bomb ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise VisionInputError(f"{name}: unsupported or corrupt image format") from exc
+    _check_pixels(image.width, image.height, name, cfg)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise VisionInputError(f"{name}: truncated or corrupt image data ({exc})") from exc
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of `image`; transparency (alpha band or palette/RGB transparency) is composited on white."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: Any, cfg: VisionProcessorConfig | None = None) -> Image.Image:
+    """An RGB PIL image from a path, bytes, a `data:image/...;base64,` URL or a PIL image.
+
+    EXIF orientation is applied, transparency composited on white, and images whose header claims more than
+    `cfg.max_decode_pixels` pixels are refused before any pixel data is decoded.
+    """
+    cfg = cfg or VisionProcessorConfig()
+    if isinstance(source, Image.Image):
+        name = f"<PIL image {source.mode} {source.width}x{source.height}>"
+        _check_pixels(source.width, source.height, name, cfg)
+        image = source
+    elif isinstance(source, (str, Path, bytes, bytearray)):
+        image = _decode(_source_bytes(source), _describe(source), cfg)
+    else:
+        raise VisionInputError(f"{type(source).__name__} input: expected a path, bytes, data URL or PIL image")
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+# ----------------------------------------------------------------------------------------------------------- resizing
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int,
+                 max_aspect_ratio: float = VisionProcessorConfig.max_aspect_ratio) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
+
+    Each side is first rounded to the nearest multiple; if the area is too large both sides are scaled down by
+    sqrt(area / max_pixels) and floored to a multiple (never below one factor); if too small, scaled up by
+    sqrt(min_pixels / area) and ceiled to a multiple.
+    """
+    if height < 1 or width < 1:
+        raise VisionInputError(f"image of {width}x{height} pixels has no area")
+    ratio = max(height, width) / min(height, width)
+    if ratio > max_aspect_ratio:
+        raise VisionInputError(f"image of {width}x{height} pixels: aspect ratio {ratio:.1f} exceeds {max_aspect_ratio}")
+    new_h = round(height / factor) * factor
+    new_w = round(width / factor) * factor
+    if new_h * new_w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        new_h = max(factor, math.floor(height / scale / factor) * factor)
+        new_w = max(factor, math.floor(width / scale / factor) * factor)
+    elif new_h * new_w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        new_h = math.ceil(height * scale / factor) * factor
+        new_w = math.ceil(width * scale / factor) * factor
+    return new_h, new_w
+
+
+def _normalised_frame(image: Image.Image, size: tuple[int, int], cfg: VisionProcessorConfig) -> torch.Tensor:
+    """(3, H, W) float32: PIL resize to `size` (h, w), rescale (float64 product, float32 result), normalise."""
+    height, width = size
+    resized = image.resize((width, height), resample=cfg.resample)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+    scaled = (pixels.to(torch.float64) * cfg.rescale_factor).to(torch.float32)
+    mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(cfg.image_std, dtype=torch.float32).view(-1, 1, 1)
+    return (scaled - mean) / std
+
+
+def _patchify(frames: torch.Tensor, cfg: VisionProcessorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, C, H, W) frames -> (grid_t*grid_h*grid_w, C*T*P*P) patches and (1, 3) grid; F padded with its last frame."""
+    pad = -frames.shape[0] % cfg.temporal_patch_size
+    if pad:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+    count, channels, height, width = frames.shape
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    grid_t, grid_h, grid_w = count // t, height // p, width // p
+    blocks = frames.reshape(grid_t, t, channels, grid_h // m, m, p, grid_w // m, m, p)
+    # -> (group, merge row, merge col, row in window, col in window, channel, time, patch row, patch col)
+    blocks = blocks.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    patches = blocks.reshape(grid_t * grid_h * grid_w, channels * t * p * p)
+    grid = torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.long)
+    return patches.contiguous(), grid
+
+
+def image_patches(image: Any, cfg: VisionProcessorConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image (anything `load_image` takes) -> (patches (N, 3*T*P*P) float32, grid_thw (1, 3) long)."""
+    cfg = cfg or VisionProcessorConfig()
+    rgb = load_image(image, cfg)
+    size = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels, cfg.max_aspect_ratio)
+    frame = _normalised_frame(rgb, size, cfg)
+    return _patchify(frame.unsqueeze(0).expand(cfg.temporal_patch_size, -1, -1, -1), cfg)
+
+
+# ------------------------------------------------------------------------------------------------------------- video
+
+
+def video_frame_max_pixels(num_frames: int, cfg: VisionProcessorConfig) -> int:
+    """Per-frame pixel cap: an even share of the whole-video budget per temporal group, within the frame bounds."""
+    share = cfg.video_total_pixels * cfg.temporal_patch_size // max(num_frames, 1)
+    floor = int(cfg.video_min_pixels * cfg.video_min_pixels_headroom)
+    return max(min(cfg.video_max_pixels, share), floor)
+
+
+def _frames_as_images(frames: Any) -> list[Image.Image]:
+    if isinstance(frames, (np.ndarray, torch.Tensor)):
+        array = np.asarray(frames)
+        if array.ndim != 4 or array.shape[-1] != RGB_CHANNELS or array.dtype != np.uint8:
+            raise VisionInputError(
+                f"video array of shape {array.shape} and dtype {array.dtype}: expected uint8 (T, H, W, 3)"
+            )
+        return [Image.fromarray(frame) for frame in array]
+    images = list(frames)
+    bad = [i for i, frame in enumerate(images) if not isinstance(frame, Image.Image)]
+    if bad:
+        raise VisionInputError(f"video frame {bad[0]} is a {type(images[bad[0]]).__name__}, expected a PIL image")
+    return [to_rgb(frame) for frame in images]
+
+
+def video_patches(frames: Sequence[Image.Image] | np.ndarray, fps_sampled: float,
+                  cfg: VisionProcessorConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Sampled frames -> (patches, grid_thw (1, 3), seconds_per_grid).
+
+    All frames are resized to one common size (they must share their input size); the frame count is padded to a
+    multiple of `temporal_patch_size` by repeating the last frame. `seconds_per_grid` is
+    temporal_patch_size / fps_sampled with the fps the frames were really sampled at.
+    """
+    cfg = cfg or VisionProcessorConfig()
+    if not fps_sampled > 0:
+        raise VisionInputError(f"video sampled at {fps_sampled} fps: the rate must be positive")
+    images = _frames_as_images(frames)
+    if not images:
+        raise VisionInputError("video with no frames")
+    sizes = {image.size for image in images}
+    if len(sizes) != 1:
+        raise VisionInputError(f"video frames differ in size: {sorted(sizes)}")
+    width, height = images[0].size
+    for index, image in enumerate(images):
+        _check_pixels(image.width, image.height, f"video frame {index}", cfg)
+    max_pixels = video_frame_max_pixels(len(images), cfg)
+    size = smart_resize(height, width, cfg.factor, cfg.video_min_pixels, max_pixels, cfg.max_aspect_ratio)
+    stacked = torch.stack([_normalised_frame(image, size, cfg) for image in images])
+    patches, grid = _patchify(stacked, cfg)
+    return patches, grid, cfg.temporal_patch_size / fps_sampled
+
+
+def sample_count(total_frames: int, native_fps: float, cfg: VisionProcessorConfig) -> int:
+    """Frames to sample: duration * cfg.video_fps rounded to a temporal multiple, within the frame bounds."""
+    t = cfg.temporal_patch_size
+    wanted = round(total_frames / native_fps * cfg.video_fps / t) * t
+    low = math.ceil(cfg.video_min_frames / t) * t
+    # a clip shorter than one temporal group keeps all its frames (video_patches pads them)
+    high = max(math.floor(min(cfg.video_max_frames, total_frames) / t) * t, min(total_frames, t))
+    if high < 1:
+        raise VisionInputError("video with no frames")
+    return min(max(wanted, low), high)
+
+
+def _sample_indices(total_frames: int, native_fps: float, cfg: VisionProcessorConfig) -> list[int]:
+    count = sample_count(total_frames, native_fps, cfg)
+    return torch.linspace(0, total_frames - 1, count).round().long().tolist()
+
+
+def _decode_selected(av: Any, path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the first video stream keeping only frames whose index is in `wanted`; also the decoded count."""
+    kept: dict[int, np.ndarray] = {}
+    total = 0
+    with av.open(path) as container:
+        for total, frame in enumerate(container.decode(video=0), start=1):
+            if total - 1 in wanted:
+                kept[total - 1] = frame.to_ndarray(format="rgb24")
+    return kept, total
+
+
+def _probe(av: Any, path: str) -> tuple[int, float]:
+    """(frame count from the demuxed packets, average frame rate) of the first video stream, without decoding."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        native_fps = float(stream.average_rate) if stream.average_rate else 0.0
+        return sum(1 for packet in container.demux(stream) if packet.size), native_fps
+
+
+def load_video(source: str | Path, cfg: VisionProcessorConfig | None = None) -> tuple[list[Image.Image], float]:
+    """Decode a video file with PyAV and sample it at cfg.video_fps -> (RGB frames, real sampled fps).
+
+    Indices are spread evenly from the first to the last frame; the sampled fps is
+    count / total_frames * native_fps, which is what the frame timing really is. Frames are counted from the
+    demuxed packets first so that only the sampled frames are held in memory; if decoding yields a different count
+    the sampling is planned again on the decoded count.
+    """
+    import av  # optional dependency (the `media` extra)
+
+    cfg = cfg or VisionProcessorConfig()
+    name = _describe(source)
+    if not Path(source).is_file():
+        raise VisionInputError(f"{name}: no such video file")
+    try:
+        total, native_fps = _probe(av, str(source))
+        if total < 1 or native_fps <= 0:
+            raise VisionInputError(f"{name}: no video frames or no frame rate")
+        indices = _sample_indices(total, native_fps, cfg)
+        kept, decoded = _decode_selected(av, str(source), set(indices))
+        if decoded != total:
+            total = decoded
+            indices = _sample_indices(total, native_fps, cfg)
+            kept, decoded = _decode_selected(av, str(source), set(indices))
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise VisionInputError(f"{name}: cannot decode video ({exc})") from exc
+    frames = [Image.fromarray(kept[i]) for i in indices]
+    return frames, len(indices) / total * native_fps
