@@ -16,10 +16,13 @@ import torch
 
 from .config import OmniConfig, SamplingConfig, load_config
 from .engine.sampler import Sampler
-from .engine.thinker_runner import ThinkerRunner, generate_tokens, text_prefill_inputs
+from .engine.multimodal_inputs import multimodal_prefill_inputs
+from .engine.thinker_runner import ThinkerRunner, generate_tokens
 from .models.omni import OmniModel
-from .processing.prompt import render_chat
+from .processing.audio import AudioFeatureConfig
+from .processing.multimodal import MediaOptions, PreparedPrompt, build_prompt
 from .processing.tokenizer import IncrementalDetokenizer, Tokenizer
+from .processing.vision import VisionProcessorConfig
 from .weights import load_weights, materialize
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "Qwen/Qwen3-Omni-30B-A3B-Instruct"
@@ -91,14 +94,15 @@ def _pick_device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
 
 
 class Omni:
-    def __init__(self, cfg: OmniConfig, model: OmniModel, tokenizer: Tokenizer, path: Path):
-        self.cfg, self.model, self.tokenizer, self.path = cfg, model, tokenizer, path
+    def __init__(self, cfg: OmniConfig, model: OmniModel, tokenizer: Tokenizer, path: Path, media: MediaOptions):
+        self.cfg, self.model, self.tokenizer, self.path, self.media = cfg, model, tokenizer, path, media
         self.device = model.thinker.lm_head.weight.device
         self.dtype = model.thinker.lm_head.weight.dtype
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, audio_output: bool | None = None,
-                        show_progress: bool | None = None) -> "Omni":
+                        show_progress: bool | None = None, allow_remote_media: bool = False) -> "Omni":
+        """`allow_remote_media`: fetch http(s) media URLs found in messages (off by default)."""
         directory = resolve_checkpoint(path)
         cfg = load_config(directory)
         device, dtype = _pick_device_and_dtype(device, dtype)
@@ -110,7 +114,9 @@ class Omni:
         model = materialize(model, device, dtype).eval()
         skip = () if audio_output else ("talker.", "code2wav.")
         load_weights(model, directory, device, dtype, skip_prefixes=skip, show_progress=show_progress)
-        return cls(cfg, model, tokenizer, directory)
+        media = MediaOptions(AudioFeatureConfig.from_dir(directory), VisionProcessorConfig.from_dir(directory),
+                             allow_remote=allow_remote_media)
+        return cls(cfg, model, tokenizer, directory, media)
 
     # ------------------------------------------------------------------------------------------------------------
     # Text generation
@@ -122,22 +128,26 @@ class Omni:
                      top_p=top_p, repetition_penalty=repetition_penalty)
         return dataclasses.replace(self.cfg.thinker_sampling, **{k: v for k, v in given.items() if v is not None})
 
-    def encode_prompt(self, messages: list) -> list[int]:
-        return self.tokenizer.encode(render_chat(messages))
+    def prepare(self, messages: list, use_audio_in_video: bool = False) -> PreparedPrompt:
+        """Messages (text, image, audio, video parts) -> token ids with placeholders expanded, and the media."""
+        return build_prompt(messages, self.tokenizer, self.cfg.thinker, self.media, use_audio_in_video)
+
+    def encode_prompt(self, messages: list, use_audio_in_video: bool = False) -> list[int]:
+        return self.prepare(messages, use_audio_in_video).token_ids
 
     def generate(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                 **sampling) -> GenerationResult | list[GenerationResult]:
+                 use_audio_in_video: bool = False, **sampling) -> GenerationResult | list[GenerationResult]:
         """One conversation -> GenerationResult; a list of conversations -> a list, decoded together as a batch."""
         batched = isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
         conversations = messages if batched else [messages]
-        prompts = [self.encode_prompt(conversation) for conversation in conversations]
+        prompts = [self.prepare(conversation, use_audio_in_video) for conversation in conversations]
         results = self._generate_ids(prompts, self.sampling(**sampling), seed, stop_token_ids)
         return results if batched else results[0]
 
     def stream_text(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                    **sampling) -> Iterator[TextDelta | Done]:
+                    use_audio_in_video: bool = False, **sampling) -> Iterator[TextDelta | Done]:
         """Yields TextDelta events as tokens arrive (never a broken UTF-8 character), then Done."""
-        prompt = self.encode_prompt(messages)
+        prompt = self.prepare(messages, use_audio_in_video)
         params = self.sampling(**sampling)
         stops = set(stop_token_ids or self.cfg.stop_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
@@ -152,10 +162,12 @@ class Omni:
                 yield TextDelta(piece, [token])
         yield Done(self._result(prompt, reply, stops, params))
 
-    def _steps(self, prompts: list[list[int]], params: SamplingConfig, seed: int | None, stops: set[int]):
+    def _steps(self, prompts: list[PreparedPrompt], params: SamplingConfig, seed: int | None, stops: set[int]):
         thinker = self.model.thinker
-        runner = ThinkerRunner(thinker, len(prompts), max(map(len, prompts)) + params.max_new_tokens)
-        inputs = text_prefill_inputs(thinker, prompts, self.device)
+        longest = max(len(p.token_ids) for p in prompts)
+        runner = ThinkerRunner(thinker, len(prompts), longest + params.max_new_tokens)
+        with torch.inference_mode():
+            inputs = multimodal_prefill_inputs(thinker, prompts)
         sampler = Sampler(params, len(prompts), thinker.cfg.text.vocab_size, self.device, seed=seed)
         return generate_tokens(runner, inputs, sampler, params.max_new_tokens, stops)
 
@@ -168,12 +180,12 @@ class Omni:
                     replies[row].append(token)
         return [self._result(p, r, stops, params) for p, r in zip(prompts, replies)]
 
-    def _result(self, prompt: list[int], reply: list[int], stops: set[int], params: SamplingConfig):
+    def _result(self, prompt: PreparedPrompt, reply: list[int], stops: set[int], params: SamplingConfig):
         stopped = bool(reply) and reply[-1] in stops
         text_ids = reply[:-1] if stopped else reply
         return GenerationResult(
             text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
             token_ids=reply,
             finish_reason="stop" if stopped else "length",
-            usage=Usage(len(prompt), len(reply)),
+            usage=Usage(len(prompt.token_ids), len(reply)),
         )

@@ -27,7 +27,7 @@ class PrefillInputs:
     embeds: torch.Tensor  # (batch, seq, hidden)
     positions: torch.Tensor  # (3, batch, seq) TM-RoPE positions
     lengths: torch.Tensor  # (batch,) long: real tokens per row
-    rope_deltas: torch.Tensor  # (batch,) long: decode position = cache slot + delta
+    rope_deltas: torch.Tensor  # (batch,) float: decode position = cache slot + delta (fractional for some videos)
     after_layer: LayerHook | None = None  # deepstack injection of visual features
     keep_hidden: int | None = None  # also return hidden states after this many layers (for the talker)
 
@@ -44,7 +44,7 @@ def text_prefill_inputs(thinker: Thinker, prompts: list[list[int]], device: torc
     ids = ids.to(device)
     positions = torch.arange(longest, device=device).view(1, 1, -1).expand(3, len(prompts), -1)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-    return PrefillInputs(ids, thinker.embed(ids), positions, lengths, torch.zeros_like(lengths))
+    return PrefillInputs(ids, thinker.embed(ids), positions, lengths, torch.zeros(len(prompts), device=device))
 
 
 class ThinkerRunner:
@@ -54,7 +54,7 @@ class ThinkerRunner:
         self.device = param.device
         self.cache = LayerCaches(thinker.cfg.text, batch, max_len, param.dtype, param.device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.rope_deltas = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.rope_deltas = torch.zeros(batch, dtype=torch.float32, device=self.device)
         self.key_slots = torch.arange(max_len, device=self.device)
 
     @torch.inference_mode()
