@@ -22,6 +22,7 @@ from .models.omni import OmniModel
 from .processing.audio import AudioFeatureConfig
 from .processing.multimodal import MediaOptions, PreparedPrompt, build_prompt
 from .processing.tokenizer import IncrementalDetokenizer, Tokenizer
+from .processing.tools import ToolCall, parse_tool_calls
 from .processing.vision import VisionProcessorConfig
 from .weights import load_weights, materialize
 
@@ -45,6 +46,7 @@ class GenerationResult:
     token_ids: list[int]  # the reply's tokens, prompt excluded, stop token included when one was produced
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()  # parsed from <tool_call> blocks when tools were offered (text is the rest)
 
 
 @dataclass(frozen=True)
@@ -128,26 +130,38 @@ class Omni:
                      top_p=top_p, repetition_penalty=repetition_penalty)
         return dataclasses.replace(self.cfg.thinker_sampling, **{k: v for k, v in given.items() if v is not None})
 
-    def prepare(self, messages: list, use_audio_in_video: bool = False) -> PreparedPrompt:
+    def prepare(self, messages: list, use_audio_in_video: bool = False, tools: list | None = None) -> PreparedPrompt:
         """Messages (text, image, audio, video parts) -> token ids with placeholders expanded, and the media."""
-        return build_prompt(messages, self.tokenizer, self.cfg.thinker, self.media, use_audio_in_video)
+        return build_prompt(messages, self.tokenizer, self.cfg.thinker, self.media, use_audio_in_video, tools=tools)
 
-    def encode_prompt(self, messages: list, use_audio_in_video: bool = False) -> list[int]:
-        return self.prepare(messages, use_audio_in_video).token_ids
+    def encode_prompt(self, messages: list, use_audio_in_video: bool = False, tools: list | None = None) -> list[int]:
+        return self.prepare(messages, use_audio_in_video, tools).token_ids
 
     def generate(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                 use_audio_in_video: bool = False, **sampling) -> GenerationResult | list[GenerationResult]:
-        """One conversation -> GenerationResult; a list of conversations -> a list, decoded together as a batch."""
+                 use_audio_in_video: bool = False, tools: list | None = None,
+                 **sampling) -> GenerationResult | list[GenerationResult]:
+        """One conversation -> GenerationResult; a list of conversations -> a list, decoded together as a batch.
+
+        With `tools` (JSON function definitions), `<tool_call>` blocks in the reply are parsed into `.tool_calls`.
+        """
         batched = isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
         conversations = messages if batched else [messages]
-        prompts = [self.prepare(conversation, use_audio_in_video) for conversation in conversations]
+        prompts = [self.prepare(conversation, use_audio_in_video, tools) for conversation in conversations]
         results = self._generate_ids(prompts, self.sampling(**sampling), seed, stop_token_ids)
+        if tools:
+            results = [self._with_tool_calls(r) for r in results]
         return results if batched else results[0]
 
+    @staticmethod
+    def _with_tool_calls(result: GenerationResult) -> GenerationResult:
+        text, calls = parse_tool_calls(result.text)
+        return dataclasses.replace(result, text=text, tool_calls=tuple(calls))
+
     def stream_text(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                    use_audio_in_video: bool = False, **sampling) -> Iterator[TextDelta | Done]:
+                    use_audio_in_video: bool = False, tools: list | None = None,
+                    **sampling) -> Iterator[TextDelta | Done]:
         """Yields TextDelta events as tokens arrive (never a broken UTF-8 character), then Done."""
-        prompt = self.prepare(messages, use_audio_in_video)
+        prompt = self.prepare(messages, use_audio_in_video, tools)
         params = self.sampling(**sampling)
         stops = set(stop_token_ids or self.cfg.stop_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
@@ -160,7 +174,8 @@ class Omni:
                 piece += detok.flush()
             if piece:
                 yield TextDelta(piece, [token])
-        yield Done(self._result(prompt, reply, stops, params))
+        result = self._result(prompt, reply, stops, params)
+        yield Done(self._with_tool_calls(result) if tools else result)
 
     def _steps(self, prompts: list[PreparedPrompt], params: SamplingConfig, seed: int | None, stops: set[int]):
         thinker = self.model.thinker

@@ -28,6 +28,7 @@ from .audio import AudioFeatureConfig, load_audio, log_mel_features
 from .positions import MediaLayout, VideoGrid, interleave_by_time, vision_positions
 from .prompt import ROLES, ChatTemplate, PromptError
 from .tokenizer import Tokenizer
+from .tools import render_tool_calls, render_tool_response, render_tools
 from .vision import VisionProcessorConfig, image_patches, load_video, video_patches
 
 PART_ALIASES = {"image_url": "image", "audio_url": "audio", "input_audio": "audio", "video_url": "video"}
@@ -134,6 +135,8 @@ def _content_parts(message: Any, index: int) -> tuple[str, list[dict]]:
     if not isinstance(message, dict) or message.get("role") not in ROLES:
         raise PromptError(f"message {index} must be an object with a role among {', '.join(ROLES)}")
     content = message.get("content")
+    if content is None and message.get("tool_calls"):
+        return message["role"], []  # an assistant turn that only called tools
     if isinstance(content, str):
         return message["role"], [{"type": "text", "text": content}]
     if not isinstance(content, list):
@@ -181,17 +184,40 @@ class _PromptBuilder:
         self.pending[kind].append(item)
         return self.placeholder[kind]
 
-    def render(self, messages: list, add_generation_prompt: bool) -> str:
+    def render(self, messages: list, add_generation_prompt: bool, tools: list | None = None) -> str:
         if not isinstance(messages, list) or not messages:
             raise PromptError("messages must be a non-empty list of {'role', 'content'} objects")
         t, pieces = self.template, []
+        if tools and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+            pieces.append(f"{t.im_start}system\n{render_tools(tools, None)}{t.im_end}\n")
         for index, message in enumerate(messages):
+            if isinstance(message, dict) and message.get("role") == "tool":
+                pieces.append(self._tool_result(messages, index))
+                continue
             role, parts = _content_parts(message, index)
             body = "".join(self.render_part(role, part, f"message {index} part {j}") for j, part in enumerate(parts))
+            if role == "system" and index == 0 and tools:
+                body = render_tools(tools, body)
+            if role == "assistant" and message.get("tool_calls"):
+                calls = render_tool_calls(message["tool_calls"], f"message {index}")
+                body += calls if body else calls.lstrip("\n")
             pieces.append(f"{t.im_start}{role}\n{body}{t.im_end}\n")
         if add_generation_prompt:
             pieces.append(f"{t.im_start}assistant\n")
         return "".join(pieces)
+
+    def _tool_result(self, messages: list, index: int) -> str:
+        """Consecutive tool results share one user turn of <tool_response> blocks."""
+        content = messages[index].get("content")
+        if not isinstance(content, str):
+            raise PromptError(f"message {index}: a tool message needs string content, got {content!r:.80}")
+        previous_is_tool = index > 0 and isinstance(messages[index - 1], dict) and messages[index - 1].get(
+            "role") == "tool"
+        next_is_tool = index + 1 < len(messages) and isinstance(messages[index + 1], dict) and messages[
+            index + 1].get("role") == "tool"
+        opening = "" if previous_is_tool else f"{self.template.im_start}user"
+        closing = "" if next_is_tool else f"{self.template.im_end}\n"
+        return f"{opening}\n{render_tool_response(content)}{closing}"
 
     def expand(self, ids: list[int]) -> PreparedPrompt:
         cfg, merge = self.cfg, self.cfg.vision.spatial_merge_size
@@ -236,7 +262,8 @@ class _PromptBuilder:
 
 
 def build_prompt(messages: list, tokenizer: Tokenizer, cfg: ThinkerConfig, options: MediaOptions,
-                 use_audio_in_video: bool = False, add_generation_prompt: bool = True) -> PreparedPrompt:
+                 use_audio_in_video: bool = False, add_generation_prompt: bool = True,
+                 tools: list | None = None) -> PreparedPrompt:
     builder = _PromptBuilder(tokenizer, cfg, options, use_audio_in_video)
-    text = builder.render(messages, add_generation_prompt)
+    text = builder.render(messages, add_generation_prompt, tools)
     return builder.expand(tokenizer.encode(text))

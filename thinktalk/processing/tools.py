@@ -1,0 +1,111 @@
+"""Tool use in Qwen's format: tool definitions in the system turn, `<tool_call>` JSON blocks in replies.
+
+System turn with tools (appended after the caller's system text, if any):
+
+    # Tools
+
+    You may call one or more functions to assist with the user query.
+
+    You are provided with function signatures within <tools></tools> XML tags:
+    <tools>
+    {one JSON object per tool, one per line}
+    </tools>
+
+    For each function call, return a json object with function name and arguments within <tool_call></tool_call>
+    XML tags:
+    <tool_call>
+    {"name": <function-name>, "arguments": <args-json-object>}
+    </tool_call>
+
+Tool results come back as `role: "tool"` messages, rendered inside a user turn as
+`<tool_response>\\n{content}\\n</tool_response>` (consecutive results share one user turn); an assistant turn that
+called tools carries its calls as `<tool_call>` blocks after its text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .prompt import PromptError
+
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_POSTAMBLE = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call>"
+)
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict  # parsed JSON object
+    raw: str  # the block's text as the model wrote it
+
+
+def render_tools(tools: list, system_text: str | None) -> str:
+    """The system turn's body: the caller's system text (if any), a blank line, then the tool definitions."""
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise PromptError(f"tools must be a list of JSON objects, got {tools!r:.80}")
+    lines = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
+    prefix = f"{system_text}\n\n" if system_text else ""
+    return f"{prefix}{TOOLS_PREAMBLE}{lines}{TOOLS_POSTAMBLE}"
+
+
+def render_tool_calls(calls: Any, where: str) -> str:
+    """An assistant turn's `tool_calls` (OpenAI form {"function": {"name", "arguments"}} or {"name", "arguments"})
+    -> `<tool_call>` blocks, each on its own lines."""
+    if not isinstance(calls, list):
+        raise PromptError(f"{where}: tool_calls must be a list, got {calls!r:.80}")
+    blocks = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise PromptError(f"{where}: each tool call needs a function name, got {call!r:.80}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise PromptError(f"{where}: tool call arguments are not valid JSON: {arguments!r:.80}") from None
+        payload = json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
+        blocks.append(f"\n<tool_call>\n{payload}\n</tool_call>")
+    return "".join(blocks)
+
+
+def render_tool_response(content: str) -> str:
+    return f"<tool_response>\n{content}\n</tool_response>"
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """A reply -> (its text without the tool-call blocks, the calls). A block that is not a JSON object with a
+    string `name` is left in the text: the model wrote something, but not a call."""
+    calls: list[ToolCall] = []
+
+    def take(match: re.Match) -> str:
+        try:
+            payload = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            return match.group(0)
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            return match.group(0)
+        arguments = payload.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                return match.group(0)
+        if not isinstance(arguments, dict):
+            return match.group(0)
+        calls.append(ToolCall(payload["name"], arguments, match.group(1)))
+        return ""
+
+    remaining = TOOL_CALL_BLOCK.sub(take, text)
+    return remaining.strip() if calls else remaining, calls
