@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import torch
+from torch import nn
 
 FULL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qwen3-omni-30b-a3b-instruct.config.json"
 
@@ -72,6 +73,29 @@ def strengthen_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
 
 
+# Gains of the tiny random code2wav: per decoder block (random blocks otherwise double the amplitude each, which
+# makes SnakeBeta's sin() ill-conditioned) and at the output, so the wave stays mostly inside [-1, 1].
+DECODER_BLOCK_GAIN = 0.5
+CODE2WAV_GAIN = 4.0
+
+
+def strengthen_code2wav_(code2wav: nn.Module, seed: int) -> None:
+    """Make every code2wav path matter: SnakeBeta away from identity, layer scales and ConvNeXt gammas near 0.5,
+    and scale the last conv so the wave stays mostly inside [-1, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in code2wav.named_parameters():
+            if name.endswith((".alpha", ".beta")):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(("layer_scale.scale", ".gamma")):
+                p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=gen))
+        for block in code2wav.decoder[1:-2]:  # halve each block's gain: activations stay O(1), well conditioned
+            block.block[1].conv.weight.mul_(DECODER_BLOCK_GAIN)
+            for unit in block.block[2:]:
+                unit.conv2.conv.weight.mul_(DECODER_BLOCK_GAIN)
+        code2wav.decoder[-1].conv.weight.mul_(CODE2WAV_GAIN)
+
+
 def build_reference(config: dict, seed: int = 0):
     """A float32 reference model with strong random weights."""
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
@@ -79,6 +103,8 @@ def build_reference(config: dict, seed: int = 0):
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**copy.deepcopy(config))).float().eval()
     strengthen_(model, seed)
+    if model.has_talker:
+        strengthen_code2wav_(model.code2wav, seed + 1)
     return model
 
 

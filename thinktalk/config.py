@@ -415,6 +415,17 @@ DEFAULT_TALKER_SAMPLING = SamplingConfig(
 )
 
 
+# The reference hard-codes its code predictor's sampling: it follows the talker's do_sample, draws with top_k 50 and
+# top_p 0.8 at temperature 1, and applies no repetition penalty.
+CODE_PREDICTOR_TOP_K = 50
+CODE_PREDICTOR_TOP_P = 0.8
+
+
+def code_predictor_sampling(talker: SamplingConfig) -> SamplingConfig:
+    return SamplingConfig(do_sample=talker.do_sample, temperature=1.0, top_k=CODE_PREDICTOR_TOP_K,
+                          top_p=CODE_PREDICTOR_TOP_P, repetition_penalty=1.0, max_new_tokens=1)
+
+
 def _parse_sampling(f: FieldReader, base: SamplingConfig, prefix: str = "") -> SamplingConfig:
     def pick(name, reader):
         key = prefix + name

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import OmniConfig, SamplingConfig, load_config
 from .engine.sampler import Sampler
 from .engine.multimodal_inputs import multimodal_prefill_inputs
+from .engine.pipeline import AudioChunk, ReplyTrace, SpeechOptions, TextDelta, stream_reply
 from .engine.thinker_runner import ThinkerRunner, generate_tokens
 from .models.omni import OmniModel
 from .processing.audio import AudioFeatureConfig
@@ -27,6 +29,7 @@ from .processing.vision import VisionProcessorConfig
 from .weights import load_weights, materialize
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+DEFAULT_VOICE = "ethan"  # the reference's default speaker
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,12 +50,9 @@ class GenerationResult:
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
     usage: Usage
     tool_calls: tuple[ToolCall, ...] = ()  # parsed from <tool_call> blocks when tools were offered (text is the rest)
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-    token_ids: list[int]
+    audio: np.ndarray | None = None  # float32 mono waveform of the spoken reply, when audio was asked for
+    sample_rate: int | None = None
+    codes: torch.Tensor | None = None  # (groups, frames) the codec codes the talker produced
 
 
 @dataclass(frozen=True)
@@ -138,43 +138,101 @@ class Omni:
         return self.prepare(messages, use_audio_in_video, tools).token_ids
 
     def generate(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                 use_audio_in_video: bool = False, tools: list | None = None,
+                 use_audio_in_video: bool = False, tools: list | None = None, return_audio: bool | None = None,
+                 voice: str | None = None, audio_chunk_frames: int = 1, talker_do_sample: bool | None = None,
+                 talker_temperature: float | None = None, talker_top_k: int | None = None,
+                 talker_top_p: float | None = None, talker_repetition_penalty: float | None = None,
+                 talker_max_new_tokens: int | None = None,
                  **sampling) -> GenerationResult | list[GenerationResult]:
-        """One conversation -> GenerationResult; a list of conversations -> a list, decoded together as a batch.
+        """One conversation -> GenerationResult; a list of conversations -> a list.
 
+        Text-only batches are decoded together. With `return_audio` (default: whenever the talker is loaded) the
+        result also holds `.audio` (float32, `.sample_rate` Hz); conversations are then spoken one after another.
         With `tools` (JSON function definitions), `<tool_call>` blocks in the reply are parsed into `.tool_calls`.
         """
         batched = isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
         conversations = messages if batched else [messages]
+        talker = dict(do_sample=talker_do_sample, temperature=talker_temperature, top_k=talker_top_k,
+                      top_p=talker_top_p, repetition_penalty=talker_repetition_penalty,
+                      max_new_tokens=talker_max_new_tokens)
+        speech = self.speech_options(return_audio, voice, audio_chunk_frames, seed, talker)
+        if speech is not None:
+            results = []
+            for conversation in conversations:
+                *_, done = self._stream(self.prepare(conversation, use_audio_in_video, tools), seed,
+                                        stop_token_ids, speech, tools, self.sampling(**sampling))
+                results.append(done.result)
+            return results if batched else results[0]
         prompts = [self.prepare(conversation, use_audio_in_video, tools) for conversation in conversations]
         results = self._generate_ids(prompts, self.sampling(**sampling), seed, stop_token_ids)
         if tools:
             results = [self._with_tool_calls(r) for r in results]
         return results if batched else results[0]
 
+    def speech_options(self, return_audio: bool | None, voice: str | None, chunk_frames: int, seed: int | None,
+                       talker: dict) -> SpeechOptions | None:
+        """None for text only; else the voice's codec id and the talker's sampling (checkpoint defaults + given)."""
+        if return_audio is None:
+            return_audio = self.model.talker is not None
+        if not return_audio:
+            return None
+        if self.model.talker is None:
+            reason = ("this checkpoint has no talker (a thinker-only model)" if not self.cfg.has_audio_output
+                      else "it was loaded with audio_output=False")
+            raise ValueError(f"audio output was requested but {reason}")
+        if chunk_frames < 1:
+            raise ValueError(f"audio_chunk_frames must be at least 1, got {chunk_frames}")
+        speaker = self.cfg.talker.speaker_id(voice or self.default_voice)
+        given = {k: v for k, v in talker.items() if v is not None}
+        return SpeechOptions(speaker, dataclasses.replace(self.cfg.talker_sampling, **given), chunk_frames, seed)
+
+    @property
+    def default_voice(self) -> str:
+        names = [name for name, _ in self.cfg.talker.speakers] if self.cfg.talker else []
+        return DEFAULT_VOICE if DEFAULT_VOICE in names else (names[0] if names else DEFAULT_VOICE)
+
+    @property
+    def voices(self) -> list[str]:
+        return [name for name, _ in self.cfg.talker.speakers] if self.cfg.talker else []
+
     @staticmethod
     def _with_tool_calls(result: GenerationResult) -> GenerationResult:
         text, calls = parse_tool_calls(result.text)
         return dataclasses.replace(result, text=text, tool_calls=tuple(calls))
 
-    def stream_text(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                    use_audio_in_video: bool = False, tools: list | None = None,
-                    **sampling) -> Iterator[TextDelta | Done]:
-        """Yields TextDelta events as tokens arrive (never a broken UTF-8 character), then Done."""
+    def stream(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
+               use_audio_in_video: bool = False, tools: list | None = None, return_audio: bool | None = None,
+               voice: str | None = None, audio_chunk_frames: int = 1, talker: dict | None = None,
+               **sampling) -> Iterator[TextDelta | AudioChunk | Done]:
+        """Yields TextDelta events as text arrives (never a broken UTF-8 character), AudioChunk events as speech is
+        synthesised (from the first codec frame on, while the text is still being written), then Done.
+        `talker`: the talker's sampling overrides, e.g. {"do_sample": False}. Closing the iterator early stops
+        the work and frees its caches."""
+        speech = self.speech_options(return_audio, voice, audio_chunk_frames, seed, talker or {})
         prompt = self.prepare(messages, use_audio_in_video, tools)
-        params = self.sampling(**sampling)
+        return self._stream(prompt, seed, stop_token_ids, speech, tools, self.sampling(**sampling))
+
+    def stream_text(self, messages: list, **kwargs) -> Iterator[TextDelta | Done]:
+        """`stream` without audio."""
+        return self.stream(messages, return_audio=False, **kwargs)
+
+    def _stream(self, prompt: PreparedPrompt, seed, stop_token_ids, speech: SpeechOptions | None, tools,
+                params: SamplingConfig) -> Iterator[TextDelta | AudioChunk | Done]:
         stops = set(stop_token_ids or self.cfg.stop_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-        reply: list[int] = []
-        for step in self._steps([prompt], params, seed, stops):
-            token = step.tokens[0]
-            reply.append(token)
-            piece = "" if token in stops else detok.push(token)
-            if step.finished[0]:
-                piece += detok.flush()
-            if piece:
-                yield TextDelta(piece, [token])
-        result = self._result(prompt, reply, stops, params)
+
+        def detokenize(token: int, final: bool) -> str:
+            # Ids past the tokenizer (the model's vocabulary is padded) and stop ids carry no text.
+            piece = "" if token in stops or token >= self.tokenizer.vocab_size else detok.push(token)
+            return piece + detok.flush() if final else piece
+
+        trace = ReplyTrace()
+        yield from stream_reply(self.model, self.cfg, prompt, params, seed, stops, speech, detokenize, trace)
+        result = self._result(prompt, trace.token_ids, stops, params)
+        if speech is not None:
+            audio = np.concatenate(trace.audio) if trace.audio else np.zeros(0, dtype=np.float32)
+            codes = torch.stack(trace.codes, dim=1) if trace.codes else None
+            result = dataclasses.replace(result, audio=audio, sample_rate=self.cfg.code2wav.sample_rate, codes=codes)
         yield Done(self._with_tool_calls(result) if tools else result)
 
     def _steps(self, prompts: list[PreparedPrompt], params: SamplingConfig, seed: int | None, stops: set[int]):
@@ -197,7 +255,7 @@ class Omni:
 
     def _result(self, prompt: PreparedPrompt, reply: list[int], stops: set[int], params: SamplingConfig):
         stopped = bool(reply) and reply[-1] in stops
-        text_ids = reply[:-1] if stopped else reply
+        text_ids = [t for t in (reply[:-1] if stopped else reply) if t < self.tokenizer.vocab_size]
         return GenerationResult(
             text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
             token_ids=reply,

@@ -1,0 +1,169 @@
+"""The streaming reply: thinker -> talker -> Code2Wav, interleaved so that speech starts after one text token.
+
+    thinker prefill, token 0 ........................... TextDelta
+    talker prefill (needs token 0) -> frame 0 -> Code2Wav ... AudioChunk (the first audio)
+    loop: talker step k needs reply token k+1: the thinker decodes until it has it (TextDelta each), then
+          the talker advances and completes frame k+1 -> Code2Wav (an AudioChunk every `chunk_frames` frames)
+    after codec EOS the thinker finishes its text; Done carries the whole result.
+Text always leads speech. Stopping the iteration early (closing the generator) drops every cache with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import OmniConfig, SamplingConfig
+from ..models.omni import OmniModel
+from ..models.code2wav import Code2WavStream
+from ..processing.multimodal import PreparedPrompt
+from .multimodal_inputs import multimodal_prefill_inputs
+from .sampler import Sampler
+from .talker_prompt import build_talker_prefill
+from .talker_session import TalkerSession
+from .thinker_runner import ThinkerRunner
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    audio: np.ndarray  # float32 mono samples
+    offset: int  # index of the chunk's first sample in the whole reply's waveform
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class SpeechOptions:
+    speaker_id: int
+    sampling: SamplingConfig
+    chunk_frames: int = 1  # frames per Code2Wav call (and per AudioChunk)
+    seed: int | None = None
+
+
+@dataclass
+class ReplyTrace:
+    """What the pipeline produced, for the caller's final result."""
+
+    token_ids: list[int] = field(default_factory=list)
+    codes: list[torch.Tensor] = field(default_factory=list)  # per frame (groups,)
+    audio: list[np.ndarray] = field(default_factory=list)
+
+
+class ThinkerStream:
+    """The thinker's side of one reply: prefill, then one token per `next()`, stopping at a stop id or budget."""
+
+    def __init__(self, model: OmniModel, prompt: PreparedPrompt, sampling: SamplingConfig, seed: int | None,
+                 stops: set[int], keep_hidden: int | None):
+        thinker = model.thinker
+        self.runner = ThinkerRunner(thinker, 1, len(prompt.token_ids) + sampling.max_new_tokens)
+        with torch.inference_mode():
+            self.inputs = multimodal_prefill_inputs(thinker, [prompt])
+        self.inputs.keep_hidden = keep_hidden
+        self.sampler = Sampler(sampling, 1, thinker.cfg.text.vocab_size, self.runner.device, seed=seed)
+        self.sampler.observe(self.inputs.token_ids)
+        self.budget, self.stops = sampling.max_new_tokens, stops
+        self.tokens: list[int] = []
+        self.done = False
+        logits, self.accepted_hidden = self.runner.prefill(self.inputs)
+        self.last = self.sampler(logits)
+        self._record()
+
+    def _record(self) -> None:
+        token = int(self.last)
+        self.tokens.append(token)
+        self.done = token in self.stops or len(self.tokens) >= self.budget
+
+    def next(self) -> int:
+        assert not self.done
+        self.last = self.sampler(self.runner.decode_step(self.last))
+        self._record()
+        return self.tokens[-1]
+
+    def is_final(self, index: int) -> bool:
+        """Reply token `index` is the last one the thinker writes."""
+        return self.done and index == len(self.tokens) - 1
+
+
+def stream_reply(model: OmniModel, cfg: OmniConfig, prompt: PreparedPrompt, sampling: SamplingConfig,
+                 seed: int | None, stops: set[int], speech: SpeechOptions | None,
+                 detokenize, trace: ReplyTrace) -> Iterator[TextDelta | AudioChunk]:
+    """Yields TextDelta and AudioChunk events; fills `trace`. `detokenize(token_id, final) -> str`."""
+    keep = cfg.talker.accept_hidden_layer if speech is not None else None
+    thinker = ThinkerStream(model, prompt, sampling, seed, stops, keep)
+    yield from _text(thinker, 0, detokenize, trace)
+    if speech is not None and not (thinker.done and thinker.tokens[0] in stops):
+        yield from _speak(model, cfg, prompt, thinker, speech, detokenize, trace)
+    while not thinker.done:
+        thinker.next()
+        yield from _text(thinker, len(thinker.tokens) - 1, detokenize, trace)
+
+
+def _text(thinker: ThinkerStream, index: int, detokenize, trace: ReplyTrace) -> Iterator[TextDelta]:
+    token = thinker.tokens[index]
+    trace.token_ids.append(token)
+    piece = detokenize(token, thinker.is_final(index))
+    if piece:
+        yield TextDelta(piece, [token])
+
+
+def _speak(model: OmniModel, cfg: OmniConfig, prompt: PreparedPrompt, thinker: ThinkerStream,
+           speech: SpeechOptions, detokenize, trace: ReplyTrace) -> Iterator[TextDelta | AudioChunk]:
+    talker, embed = model.talker, model.thinker.embed
+    inputs = thinker.inputs
+    with torch.inference_mode():
+        first = embed(torch.tensor([thinker.tokens[0]], device=inputs.embeds.device))[0]
+        prefill = build_talker_prefill(talker, cfg, inputs.token_ids[0], inputs.embeds[0], thinker.accepted_hidden[0],
+                                       prompt.layout, prompt.use_audio_in_video, first, speech.speaker_id, embed)
+    session = TalkerSession(talker, cfg, prefill, speech.sampling, speech.seed)
+    tts_eos, tts_pad = prefill.text_embeds[1], prefill.text_embeds[2]
+    vocoder = Code2WavStream(model.code2wav)
+    pending: list[torch.Tensor] = []
+    sample_rate, offset = cfg.code2wav.sample_rate, 0
+    step = 0
+    while not session.finished:
+        codes, codec_sum = session.complete()
+        trace.codes.append(codes[0])
+        pending.append(codes)
+        if len(pending) >= speech.chunk_frames:
+            chunk = _vocode(vocoder, pending)
+            trace.audio.append(chunk)
+            yield AudioChunk(chunk, offset, sample_rate)
+            offset += chunk.size
+        # The step after frame `step` reads reply token step + 1: write text until the thinker has it.
+        while len(thinker.tokens) <= step + 1 and not thinker.done:
+            thinker.next()
+            yield from _text(thinker, len(thinker.tokens) - 1, detokenize, trace)
+        text = _text_for_step(thinker, step + 1, embed, tts_eos, tts_pad, talker)
+        session.advance(codec_sum, text)
+        step += 1
+    if pending:
+        chunk = _vocode(vocoder, pending)
+        trace.audio.append(chunk)
+        yield AudioChunk(chunk, offset, sample_rate)
+
+
+def _text_for_step(thinker: ThinkerStream, index: int, embed, tts_eos, tts_pad, talker) -> torch.Tensor:
+    """Reply token `index` projected for the talker; tts_eos in place of the final token; tts_pad past it."""
+    if index >= len(thinker.tokens):
+        return tts_pad.unsqueeze(0)
+    if thinker.is_final(index):
+        return tts_eos.unsqueeze(0)
+    with torch.inference_mode():
+        token = torch.tensor([thinker.tokens[index]], device=tts_pad.device)
+        return talker.text_projection(embed(token))
+
+
+def _vocode(vocoder: Code2WavStream, pending: list[torch.Tensor]) -> np.ndarray:
+    with torch.inference_mode():
+        codes = torch.stack(pending, dim=-1)  # (1, groups, frames)
+        samples = vocoder.feed(codes)
+    pending.clear()
+    return samples[0].float().cpu().numpy()
