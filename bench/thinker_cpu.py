@@ -1,9 +1,11 @@
 """Thinker prefill and decode speed on the CPU: thinktalk and the reference (transformers) side by side, one run.
 
-    python bench/thinker_cpu.py [--size tiny|small] [--new-tokens 64] [--prompt 256] [--threads 2]
+    python bench/thinker_cpu.py [--size tiny|small] [--new-tokens 64] [--prompt 256] [--threads 2] [--eager]
 
 Builds one random Qwen3-Omni checkpoint with the reference, saves it, loads it into thinktalk, and times both on
 the same prompts. Prints tokens per second and the ratio. Machines are noisy: compare ratios, not absolute times.
+thinktalk's decode step is compiled (ThinkerRunner(compile=True)) unless --eager; the compile happens in an
+untimed warm-up run whose duration is printed. The reference runs eagerly, as transformers' generate() does.
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ def best_of(runs: int, fn) -> float:
     return min(times)
 
 
-def thinktalk_times(omni: Omni, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+def thinktalk_times(omni: Omni, prompts: list[list[int]], new_tokens: int, max_len: int,
+                    compile: bool) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens steps) for one batch."""
     thinker = omni.model.thinker
-    runner = ThinkerRunner(thinker, len(prompts), max(map(len, prompts)) + new_tokens + 1)
+    runner = ThinkerRunner(thinker, len(prompts), max_len, compile=compile)
     sampler = Sampler(SamplingConfig(), len(prompts), thinker.cfg.text.vocab_size, omni.device)
     start = time.perf_counter()
     logits, _ = runner.prefill(text_prefill_inputs(thinker, prompts, omni.device))
@@ -91,6 +94,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--eager", action="store_true", help="do not compile thinktalk's decode step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -101,19 +105,24 @@ def main() -> None:
         omni = Omni.from_pretrained(path, device="cpu", dtype="float32", show_progress=False)
 
     print(f"thinker on CPU, {args.size} random model (vocab {BENCH_VOCAB}), float32, {args.threads} threads, "
-          f"prompt {args.prompt} tokens, {args.new_tokens} new tokens (greedy)")
+          f"prompt {args.prompt} tokens, {args.new_tokens} new tokens (greedy), thinktalk decode "
+          f"{'eager' if args.eager else 'compiled'}")
     print(f"{'batch':>5} | {'':9} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for batch in args.batches:
         gen = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, omni.cfg.thinker.text.vocab_size, (batch, args.prompt), generator=gen).tolist()
-        thinktalk_times(omni, prompts, 4)  # warm-up
-        runs = [thinktalk_times(omni, prompts, args.new_tokens) for _ in range(3)]
+        max_len = args.prompt + args.new_tokens + 1  # one cache shape per batch: the warm-up's compile serves all
+        start = time.perf_counter()
+        thinktalk_times(omni, prompts, 4, max_len, not args.eager)  # warm-up (and compile), not timed
+        warm_up = time.perf_counter() - start
+        runs = [thinktalk_times(omni, prompts, args.new_tokens, max_len, not args.eager) for _ in range(3)]
         ours = (min(r[0] for r in runs), min(r[1] for r in runs))
         theirs = reference_times(reference, prompts, args.new_tokens)
         rows = {"thinktalk": ours, "reference": theirs}
         for name, (prefill, decode) in rows.items():
             print(f"{batch:>5} | {name:9} {batch * args.prompt / prefill:14.0f} {batch * args.new_tokens / decode:13.1f}")
-        print(f"{batch:>5} | {'ratio':9} {theirs[0] / ours[0]:13.2f}x {theirs[1] / ours[1]:12.2f}x")
+        print(f"{batch:>5} | {'ratio':9} {theirs[0] / ours[0]:13.2f}x {theirs[1] / ours[1]:12.2f}x"
+              f"   (thinktalk warm-up{'' if args.eager else ' incl. compile'}: {warm_up:.1f} s, untimed)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,16 @@ def text_prefill_inputs(thinker: Thinker, prompts: list[list[int]], device: torc
 
 
 class ThinkerRunner:
-    def __init__(self, thinker: Thinker, batch: int, max_len: int):
+    """Owns one static KV cache and where each row stands in it; runs prefills and decode steps.
+
+    compile=True wraps the decode step with torch.compile from the outside (the layers stay plain eager code): one
+    static-shape graph per (batch, max_len), fused into C++ loops on the CPU, with a C++ wrapper there so that a
+    step does not return to Python between kernels. The first decode step of a new shape pays for compiling (tens of
+    seconds on a small CPU); later runners of the same shape reuse the compiled graph. Prefill stays eager: its
+    shapes change with every prompt.
+    """
+
+    def __init__(self, thinker: Thinker, batch: int, max_len: int, compile: bool = False):
         param = thinker.lm_head.weight
         self.thinker, self.batch, self.max_len = thinker, batch, max_len
         self.device = param.device
@@ -56,6 +65,10 @@ class ThinkerRunner:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.rope_deltas = torch.zeros(batch, dtype=torch.float32, device=self.device)
         self.key_slots = torch.arange(max_len, device=self.device)
+        self._step = self._eager_step
+        if compile:
+            options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False, options=options)
 
     @torch.inference_mode()
     def prefill(self, inputs: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,6 +87,9 @@ class ThinkerRunner:
     @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (batch,) the last sampled token per row -> next-token logits (batch, vocab)."""
+        return self._step(tokens)
+
+    def _eager_step(self, tokens: torch.Tensor) -> torch.Tensor:
         slots = self.lengths.unsqueeze(1)  # (batch, 1)
         positions = (self.lengths + self.rope_deltas).view(1, -1, 1).expand(3, -1, 1)
         mask = (self.key_slots.view(1, 1, 1, -1) <= slots.view(-1, 1, 1, 1))  # (batch, 1, 1, max_len)
