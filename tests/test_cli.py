@@ -6,13 +6,15 @@ import sys
 import pytest
 
 
-def thinktalk(*args: str, env_cache=None) -> subprocess.CompletedProcess:
-    env = None
-    if env_cache is not None:
-        import os
-        env = {**os.environ, "THINKTALK_CACHE": str(env_cache)}
-    return subprocess.run([sys.executable, "-m", "thinktalk", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+def thinktalk(*args: str, env_cache=None, cwd=None) -> subprocess.CompletedProcess:
+    """Runs the CLI in a scratch folder (the demo writes demo-reply.wav into the working directory)."""
+    import os
+    import tempfile
+
+    env = {**os.environ, "THINKTALK_CACHE": str(env_cache)} if env_cache is not None else None
+    with tempfile.TemporaryDirectory() as scratch:
+        return subprocess.run([sys.executable, "-m", "thinktalk", *args], capture_output=True, text=True,
+                              timeout=600, env=env, cwd=cwd or scratch)
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +23,13 @@ def cache(tmp_path_factory):
 
 
 def test_demo_builds_its_checkpoint_once_and_streams_a_reply(cache):
-    first = thinktalk("demo", "--max-tokens", "12", env_cache=cache)
+    first = thinktalk("demo", "--max-tokens", "12", "--max-speech-seconds", "1", env_cache=cache)
     assert first.returncode == 0, first.stderr
     assert "RANDOM weights" in first.stderr and "12 tokens" in first.stderr
-    assert first.stdout.startswith("user: Hello!") and "assistant: " in first.stdout
+    assert first.stdout.startswith("user: [a 2-second tone]") and "assistant: " in first.stdout
     (checkpoint,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in checkpoint.iterdir()}
-    again = thinktalk("demo", "--max-tokens", "12", "--greedy", env_cache=cache)
+    again = thinktalk("demo", "--max-tokens", "12", "--greedy", "--max-speech-seconds", "1", env_cache=cache)
     assert again.returncode == 0 and list(cache.iterdir()) == [checkpoint]
 
 
@@ -50,7 +52,9 @@ def test_info_describes_the_checkpoint(tiny):
 @pytest.mark.parametrize("args, message", [
     (("run", "--model", "/no/such/dir", "--text", "hi"), "does not exist"),
     (("run", "--model", "Nobody/NotCached-Model", "--text", "hi"), "never downloads"),
-    (("run", "--text", "   "), "--text is required"),
+    (("run", "--text", "   "), "give a message"),
+    (("run", "--text", "hi", "--audio", "/no/such.wav"), "--audio /no/such.wav: no such file"),
+    (("run", "--text", "hi", "--threads", "0"), "--threads must be at least 1"),
     (("run", "--text", "hi", "--max-tokens", "0"), "--max-tokens must be at least 1"),
 ])
 def test_user_mistakes_exit_2_without_a_traceback(args, message, tmp_path):
@@ -66,3 +70,72 @@ def test_broken_checkpoint_is_a_one_line_error(tiny, tmp_path):
     (broken / "model.safetensors").write_bytes(b"\x00" * 16)
     result = thinktalk("run", "--model", str(broken), "--text", "hi")
     assert result.returncode == 2 and "model.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_speaks_into_a_wav(cache, tmp_path):
+    out = tmp_path / "reply.wav"
+    result = thinktalk("demo", "--max-tokens", "8", "--max-speech-seconds", "1.5", "--out", str(out), env_cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "What do you hear and see?" in result.stdout and "s of speech ->" in result.stderr
+    import soundfile
+    samples, rate = soundfile.read(out)
+    assert rate == 24000 and 0 < samples.size <= 1.5 * 24000 and abs(samples).max() > 0.01
+
+
+def test_run_with_media_and_speech(tiny, tmp_path):
+    import soundfile
+    from media import noise_image, tone
+
+    audio, image, out = tmp_path / "q.wav", tmp_path / "p.png", tmp_path / "a.wav"
+    soundfile.write(audio, tone(1.0), 16000)
+    noise_image(48, 48).save(image)
+    result = thinktalk("run", "--model", str(tiny.path), "--audio", str(audio), "--image", str(image), "--text",
+                       "what?", "--voice", "Chelsie", "--max-tokens", "6", "--max-speech-seconds", "1", "--out",
+                       str(out), "--greedy", "--talker-greedy", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert soundfile.read(out)[0].size > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_chat_keeps_the_conversation_and_speaks_each_turn(tiny, tmp_path):
+    from media import noise_image
+
+    noise_image(32, 32).save(tmp_path / "pic.png")
+    script = f"hello\n/image {tmp_path / 'pic.png'}\n/image {tmp_path / 'missing.png'}\nand this?\n/quit\n"
+    result = subprocess.run([sys.executable, "-m", "thinktalk", "chat", "--model", str(tiny.path), "--out-dir",
+                             str(tmp_path), "--max-tokens", "5", "--max-speech-seconds", "0.5", "--threads", "1"],
+                            input=script, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant: ") == 2 and "image attached" in result.stderr
+    assert "missing.png" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "turn-1.wav").is_file() and (tmp_path / "turn-2.wav").is_file()
+
+
+@pytest.mark.parametrize("out, message", [("/no/such/folder/x.wav", "does not exist"), (".", "is a directory")])
+def test_unwritable_output_fails_before_any_work(out, message, tiny):
+    result = thinktalk("run", "--model", str(tiny.path), "--text", "hi", "--out", out)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_speech_from_a_thinker_only_checkpoint_is_an_error(tiny_thinker_only, tmp_path):
+    result = thinktalk("run", "--model", str(tiny_thinker_only.path), "--text", "hi", "--out", str(tmp_path / "a.wav"))
+    assert result.returncode == 2 and "no talker" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_leaves_no_partial_wav(tiny, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "long.wav"
+    process = subprocess.Popen([sys.executable, "-m", "thinktalk", "run", "--model", str(tiny.path), "--text", "hi",
+                                "--out", str(out), "--max-tokens", "2000", "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(p.suffix == ".partial" for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert any(p.suffix == ".partial" for p in tmp_path.iterdir()), "the run never started writing"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in stderr
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 from .config import ConfigError
 from .processing.prompt import PromptError
@@ -29,9 +30,28 @@ def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="default: bfloat16 on cuda, float32 on cpu")
 
 
-def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default=None, help="the user's message")
     parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument("--audio", action="append", default=[], metavar="FILE", help="an audio input (repeatable)")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE", help="an image input (repeatable)")
+    parser.add_argument("--video", action="append", default=[], metavar="FILE", help="a video input (repeatable)")
+    parser.add_argument("--use-audio-in-video", action="store_true", help="also listen to the videos' sound")
+
+
+def _add_speech_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--voice", default=None, help="speaker name, e.g. ethan, chelsie, aiden (case-insensitive)")
+    parser.add_argument("--talker-greedy", action="store_true", help="pick the most likely codec code each frame")
+    parser.add_argument("--talker-temperature", type=float, default=None)
+    parser.add_argument("--talker-top-k", type=int, default=None)
+    parser.add_argument("--talker-top-p", type=float, default=None)
+    parser.add_argument("--max-speech-seconds", type=float, default=None,
+                        help="stop speaking after this long (default: the checkpoint's talker budget)")
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)")
     parser.add_argument("--max-tokens", type=int, default=None, help="most reply tokens (default: checkpoint's)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -45,14 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thinktalk", description="Run Qwen3-Omni (Thinker-Talker) models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run the whole pipeline on the built-in random demo checkpoint")
+    demo = commands.add_parser("demo", help="run the whole pipeline (audio + image in, text + speech out) on the "
+                                            "built-in random demo checkpoint")
+    demo.add_argument("--text", default=None, help="the user's message")
+    demo.add_argument("--out", default="demo-reply.wav", help="where the spoken reply goes (default: %(default)s)")
+    _add_speech_options(demo)
     _add_generation_options(demo)
     demo.set_defaults(handler=cmd_demo)
 
-    run = commands.add_parser("run", help="answer one message, streaming the reply")
+    run = commands.add_parser("run", help="answer one message, streaming the text (and speech to --out)")
     _add_model_options(run, required=False)
+    _add_input_options(run)
+    run.add_argument("--out", default=None, metavar="WAV", help="speak the reply into this WAV file")
+    _add_speech_options(run)
     _add_generation_options(run)
     run.set_defaults(handler=cmd_run)
+
+    chat = commands.add_parser("chat", help="talk in the terminal, turn after turn; /image, /audio, /video PATH "
+                                            "attach a file to your next message, /quit ends")
+    _add_model_options(chat, required=False)
+    chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument("--out-dir", default=None, help="speak each reply into DIR/turn-N.wav")
+    _add_speech_options(chat)
+    _add_generation_options(chat)
+    chat.set_defaults(handler=cmd_chat)
 
     info = commands.add_parser("info", help="describe a checkpoint: variant, sizes, voices, memory needed")
     _add_model_options(info, required=False)
@@ -61,10 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _messages(args) -> list[dict]:
-    if args.text is None or not args.text.strip():
-        raise ValueError("--text is required and must not be empty")
+    media = [("audio", p) for p in getattr(args, "audio", [])] + [("image", p) for p in getattr(args, "image", [])]
+    media += [("video", p) for p in getattr(args, "video", [])]
+    if (args.text is None or not args.text.strip()) and not media:
+        raise ValueError("give a message: --text, or a media file (--audio / --image / --video)")
+    for kind, path in media:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--{kind} {path}: no such file")
+    parts = [{"type": kind, kind: path} for kind, path in media]
+    parts += [{"type": "text", "text": args.text}] if args.text else []
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    return messages + [{"role": "user", "content": args.text}]
+    return messages + [{"role": "user", "content": parts}]
+
+
+FRAMES_PER_SECOND = 12.5  # Qwen3-Omni's codec frame rate
+
+
+def _talker(args) -> dict:
+    options = dict(temperature=args.talker_temperature, top_k=args.talker_top_k, top_p=args.talker_top_p)
+    if args.max_speech_seconds is not None:
+        if args.max_speech_seconds <= 0:
+            raise ValueError(f"--max-speech-seconds must be positive, got {args.max_speech_seconds}")
+        options["max_new_tokens"] = int(args.max_speech_seconds * FRAMES_PER_SECOND) + 1
+    if args.talker_greedy:
+        options["do_sample"] = False
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _sampling(args) -> dict:
@@ -79,19 +136,42 @@ def _sampling(args) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _stream_reply(omni, args, out=sys.stdout) -> None:
-    from .omni import Done, TextDelta
+def _reply(omni, messages: list, args, wav_path: str | None, out=sys.stdout):
+    """Streams the reply's text to `out` and, with `wav_path`, its speech into that WAV file; returns the result."""
+    from .omni import Done
+    from .engine.pipeline import AudioChunk, TextDelta
+    from .processing.wav import WavWriter
 
-    start = time.perf_counter()
-    for event in omni.stream_text(_messages(args), seed=args.seed, **_sampling(args)):
-        if isinstance(event, TextDelta):
-            out.write(event.text)
-            out.flush()
-        elif isinstance(event, Done):
-            usage, elapsed = event.result.usage, time.perf_counter() - start
-            out.write("\n")
-            print(f"[{usage.completion_tokens} tokens in {elapsed:.2f} s, finish: {event.result.finish_reason}]",
-                  file=sys.stderr)
+    speak = wav_path is not None
+    events = omni.stream(messages, return_audio=speak, voice=getattr(args, "voice", None), talker=_talker(args),
+                         use_audio_in_video=getattr(args, "use_audio_in_video", False), seed=args.seed,
+                         **_sampling(args))
+    start, first_audio, result = time.perf_counter(), None, None
+    writer = WavWriter(wav_path, omni.cfg.code2wav.sample_rate) if speak else None
+    try:
+        for event in events:
+            if isinstance(event, TextDelta):
+                out.write(event.text)
+                out.flush()
+            elif isinstance(event, AudioChunk):
+                first_audio = first_audio or time.perf_counter() - start
+                writer.write(event.audio)
+            elif isinstance(event, Done):
+                result = event.result
+    except BaseException:
+        events.close()
+        if writer is not None:
+            writer.abort()
+        raise
+    out.write("\n")
+    elapsed = time.perf_counter() - start
+    note = f"[{result.usage.completion_tokens} tokens in {elapsed:.2f} s, finish: {result.finish_reason}"
+    if writer is not None:
+        path = writer.commit()
+        seconds = result.audio.size / result.sample_rate
+        note += f"; {seconds:.2f} s of speech -> {path}, first audio after {first_audio or elapsed:.2f} s"
+    print(note + "]", file=sys.stderr)
+    return result
 
 
 def _resolve_model(args):
@@ -104,25 +184,76 @@ def _resolve_model(args):
 
 
 def cmd_demo(args) -> None:
-    from .demo import DEMO_NOTICE, ensure_demo_checkpoint
+    from .demo import DEMO_NOTICE, DEMO_SPEECH_SECONDS, demo_messages, ensure_demo_checkpoint
     from .omni import Omni
+    from .processing.wav import check_writable
 
+    check_writable(args.out)
+    if args.threads is None:
+        args.threads = 1  # the demo model is tiny: one thread beats several (no OpenMP hand-offs)
+    if args.max_speech_seconds is None:
+        args.max_speech_seconds = DEMO_SPEECH_SECONDS
+    if args.seed is None:
+        args.seed = 0  # the same demo every time
     print(DEMO_NOTICE, file=sys.stderr)
     omni = Omni.from_pretrained(ensure_demo_checkpoint(), device="cpu", dtype="float32")
-    if args.text is None:
-        args.text = "Hello! Please introduce yourself."
     if args.max_tokens is None:
         args.max_tokens = 48
-    print(f"user: {args.text}\nassistant: ", end="", flush=True)
-    _stream_reply(omni, args)
+    messages = demo_messages(args.text)
+    print("user: [a 2-second tone] [a 64x64 noise image] " + messages[-1]["content"][-1]["text"])
+    print("assistant: ", end="", flush=True)
+    _reply(omni, messages, args, args.out)
 
 
 def cmd_run(args) -> None:
     from .omni import Omni
+    from .processing.wav import check_writable
 
-    _messages(args)  # validate before loading anything
-    omni = Omni.from_pretrained(_resolve_model(args), device=args.device, dtype=args.dtype)
-    _stream_reply(omni, args)
+    messages = _messages(args)  # validate before loading anything
+    if args.out is not None:
+        check_writable(args.out)
+    omni = Omni.from_pretrained(_resolve_model(args), device=args.device, dtype=args.dtype,
+                                audio_output=args.out is not None)
+    _reply(omni, messages, args, args.out)
+
+
+CHAT_ATTACH = ("/image", "/audio", "/video")
+
+
+def cmd_chat(args, read=input) -> None:
+    """A multi-turn conversation; each reply's text is printed, its speech written to --out-dir/turn-N.wav."""
+    from .omni import Omni
+
+    if args.out_dir is not None and not Path(args.out_dir).is_dir():
+        raise ValueError(f"--out-dir {args.out_dir}: no such folder")
+    omni = Omni.from_pretrained(_resolve_model(args), device=args.device, dtype=args.dtype,
+                                audio_output=args.out_dir is not None)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    attachments, turn = [], 0
+    while True:
+        try:
+            line = read("you: ").strip()
+        except EOFError:
+            return
+        if line in ("/quit", "/exit"):
+            return
+        command, _, path = line.partition(" ")
+        if command in CHAT_ATTACH:
+            if not Path(path).is_file():
+                print(f"error: {path!r}: no such file", file=sys.stderr)
+                continue
+            attachments.append({"type": command[1:], command[1:]: path})
+            print(f"[{command[1:]} attached: {path}]", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        turn += 1
+        history.append({"role": "user", "content": attachments + [{"type": "text", "text": line}]})
+        attachments = []
+        wav = str(Path(args.out_dir) / f"turn-{turn}.wav") if args.out_dir is not None else None
+        print("assistant: ", end="", flush=True)
+        result = _reply(omni, history, args, wav)
+        history.append({"role": "assistant", "content": result.text})
 
 
 def cmd_info(args) -> None:
@@ -159,6 +290,12 @@ def _parameter_count(cfg) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         args.handler(args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

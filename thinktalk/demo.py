@@ -33,6 +33,27 @@ DEMO_NOTICE = ("thinktalk demo checkpoint: the Qwen3-Omni structure with RANDOM 
                "meaningless. Pass --model DIR to use a real checkpoint.")
 
 
+DEMO_QUESTION = "What do you hear and see?"
+DEMO_SPEECH_SECONDS = 6.0  # random weights rarely say codec EOS: cap the speech
+DEMO_TONE_SECONDS, DEMO_TONE_HZ, DEMO_IMAGE_SIZE = 2.0, 440.0, 64
+
+
+def demo_messages(text: str | None = None) -> list[dict]:
+    """A user turn with a synthetic tone, a noise image and a question: exercises both encoders."""
+    import numpy as np
+    from PIL import Image
+
+    from .processing.audio import AudioFeatureConfig
+
+    rate = AudioFeatureConfig().sampling_rate
+    t = np.arange(int(DEMO_TONE_SECONDS * rate)) / rate
+    tone = (0.4 * np.sin(2 * np.pi * DEMO_TONE_HZ * t)).astype(np.float32)
+    pixels = np.random.default_rng(DEMO_SEED).integers(0, 256, (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE, 3), dtype=np.uint8)
+    return [{"role": "user", "content": [{"type": "audio", "audio": (tone, rate)},
+                                         {"type": "image", "image": Image.fromarray(pixels)},
+                                         {"type": "text", "text": text or DEMO_QUESTION}]}]
+
+
 def demo_config() -> dict:
     return json.loads(resources.files("thinktalk").joinpath("assets/demo_config.json").read_text())
 
