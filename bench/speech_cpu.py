@@ -1,0 +1,89 @@
+"""Spoken replies on the CPU: time to the first audio and real-time factor, thinktalk and the reference, one run.
+
+    python bench/speech_cpu.py [--thinker-tokens 32] [--talker-tokens 64] [--threads 1] [--runs 3]
+
+One tiny random checkpoint (built by the reference, saved, loaded into thinktalk), greedy thinker and talker so
+both produce the same words and the same audio. thinktalk streams: its first audio chunk leaves after one thinker
+token, the talker prefill, one code-predictor pass and one Code2Wav step. The reference does not stream: its
+first (and only) audio is the whole reply, after the thinker has finished. RTF = generation time / audio length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from checkpoints import build_reference, save_reference, tiny_config_dict  # noqa: E402
+
+from thinktalk import Omni  # noqa: E402
+from thinktalk.engine.pipeline import AudioChunk  # noqa: E402
+from thinktalk.omni import Done  # noqa: E402
+from thinktalk.processing.tokenizer import build_qwen_tokenizer_files  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "Tell me a short story about the sea."}]
+
+
+def thinktalk_run(omni: Omni, thinker_tokens: int, talker_tokens: int, chunk_frames: int) -> tuple[float, float, float]:
+    """(seconds to the first audio chunk, total seconds, seconds of audio)."""
+    start, first = time.perf_counter(), None
+    for event in omni.stream(MESSAGES, return_audio=True, max_new_tokens=thinker_tokens, do_sample=False,
+                             stop_token_ids=[-1], talker={"do_sample": False, "max_new_tokens": talker_tokens},
+                             audio_chunk_frames=chunk_frames):
+        if isinstance(event, AudioChunk) and first is None:
+            first = time.perf_counter() - start
+        if isinstance(event, Done):
+            audio = event.result.audio.size / event.result.sample_rate
+    return first, time.perf_counter() - start, audio
+
+
+def reference_run(reference, ids: list[int], thinker_tokens: int, talker_tokens: int) -> tuple[float, float]:
+    """(seconds to its only audio = total seconds, seconds of audio)."""
+    tensor = torch.tensor([ids])
+    start = time.perf_counter()
+    with torch.no_grad():
+        _, wav = reference.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), speaker="ethan",
+                                    thinker_max_new_tokens=thinker_tokens, thinker_min_new_tokens=thinker_tokens,
+                                    thinker_do_sample=False, talker_do_sample=False,
+                                    talker_max_new_tokens=talker_tokens)
+    return time.perf_counter() - start, wav.numel() / 24000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--thinker-tokens", type=int, default=32)
+    parser.add_argument("--talker-tokens", type=int, default=64, help="codec frames + 1 (12.5 frames per second)")
+    parser.add_argument("--chunk-frames", type=int, default=1, help="codec frames per audio chunk")
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest for tiny models (no OpenMP hand-offs)")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = build_reference(tiny_config_dict(), seed=0)
+        path = save_reference(reference, Path(tmp) / "ckpt")
+        build_qwen_tokenizer_files(path)
+        omni = Omni.from_pretrained(path, device="cpu", dtype="float32", show_progress=False)
+    ids = omni.encode_prompt(MESSAGES)
+    thinktalk_run(omni, 4, 4, args.chunk_frames)  # warm-up
+    ours = [thinktalk_run(omni, args.thinker_tokens, args.talker_tokens, args.chunk_frames) for _ in range(args.runs)]
+    theirs = [reference_run(reference, ids, args.thinker_tokens, args.talker_tokens) for _ in range(args.runs)]
+    first = statistics.median(r[0] for r in ours)
+    total, audio = statistics.median(r[1] for r in ours), ours[0][2]
+    ref_total, ref_audio = statistics.median(r[0] for r in theirs), theirs[0][1]
+    print(f"tiny random checkpoint, CPU float32, {args.threads} thread(s), greedy, {args.thinker_tokens} text tokens, "
+          f"{audio:.2f} s of speech; median of {args.runs} runs")
+    print(f"{'':10} {'first audio s':>14} {'total s':>9} {'RTF':>7}")
+    print(f"{'thinktalk':10} {first:14.3f} {total:9.3f} {total / audio:7.3f}")
+    print(f"{'reference':10} {ref_total:14.3f} {ref_total:9.3f} {ref_total / ref_audio:7.3f}")
+    print(f"{'ratio':10} {ref_total / first:13.1f}x {ref_total / total:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
