@@ -11,7 +11,9 @@ def thinktalk(*args: str, env_cache=None, cwd=None) -> subprocess.CompletedProce
     import os
     import tempfile
 
-    env = {**os.environ, "THINKTALK_CACHE": str(env_cache)} if env_cache is not None else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest
+    if env_cache is not None:
+        env["THINKTALK_CACHE"] = str(env_cache)
     with tempfile.TemporaryDirectory() as scratch:
         return subprocess.run([sys.executable, "-m", "thinktalk", *args], capture_output=True, text=True,
                               timeout=600, env=env, cwd=cwd or scratch)
