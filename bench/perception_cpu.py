@@ -111,7 +111,7 @@ def run_child(task: str, engine: str, amount: float, checkpoint: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--audio-minutes", type=float, default=40.0)
-    parser.add_argument("--reference-audio-minutes", type=float, default=10.0,
+    parser.add_argument("--reference-audio-minutes", type=float, default=40.0,
                         help="the reference's audio length (its cost grows faster; 40 minutes may not finish)")
     parser.add_argument("--video-seconds", type=float, default=60.0)
     args = parser.parse_args()
