@@ -1,0 +1,249 @@
+"""The Realtime socket on the tiny checkpoint: voice turns with server VAD, barge-in, bad events, vanished clients."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi import FastAPI  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from thinktalk import Omni  # noqa: E402
+from thinktalk.serve.realtime import float_to_pcm16, realtime_router  # noqa: E402
+from thinktalk.serve.vad import EnergyVad, SpeechStarted, SpeechStopped, VadSettings  # noqa: E402
+
+RATE = 24_000
+VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 100, "silence_duration_ms": 200}
+
+
+def tone_turn(seconds: float = 0.6, hz: float = 440.0, lead: float = 0.2, tail: float = 0.5) -> np.ndarray:
+    """Silence, a tone (a stand-in for speech), silence: float32 at 24 kHz."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    voiced = (0.3 * np.sin(2 * np.pi * hz * t) * np.sin(np.pi * t / seconds)).astype(np.float32)
+    return np.concatenate([np.zeros(int(lead * RATE), np.float32), voiced, np.zeros(int(tail * RATE), np.float32)])
+
+
+def send_audio(ws, audio: np.ndarray, chunk_ms: int = 100) -> None:
+    step = RATE * chunk_ms // 1000
+    for start in range(0, len(audio), step):
+        ws.send_text(json.dumps({"type": "input_audio_buffer.append", "audio": float_to_pcm16(audio[start:start + step])}))
+
+
+def receive_until(ws, done: str, limit: int = 5000) -> list[dict]:
+    events = []
+    for _ in range(limit):
+        events.append(json.loads(ws.receive_text()))
+        if events[-1]["type"] == done:
+            return events
+    raise AssertionError(f"no {done} within {limit} events")
+
+
+def kinds(events: list[dict]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+@pytest.fixture(scope="module")
+def omni(tiny):
+    torch.set_num_threads(1)
+    return Omni.from_pretrained(tiny.path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def app(omni):
+    app = FastAPI()
+    app.include_router(realtime_router(omni, defaults={"max_output_tokens": 6, "talker_max_new_tokens": 6,
+                                                       "seed": 0, "audio_chunk_frames": 2}))
+    return app
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+def test_energy_vad_finds_the_tone_with_its_edges():
+    vad = EnergyVad(VadSettings(0.5, 100, 200), RATE)
+    audio = tone_turn(seconds=0.6, lead=0.2, tail=0.5)
+    events = [e for start in range(0, len(audio), 1000) for e in vad.feed(audio[start:start + 1000])]
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped]
+    assert 0.2 * RATE <= events[0].sample <= 0.3 * RATE  # the ramped tone crosses -35 dBFS a little after 0.2 s
+    assert 0.7 * RATE <= events[1].sample <= 0.8 * RATE
+    with pytest.raises(ValueError):
+        VadSettings(threshold=1.5)
+
+
+def test_voices_endpoint(client, omni):
+    body = client.get("/v1/realtime/voices").json()
+    assert body["voices"] == omni.voices and body["default"] == omni.default_voice
+
+
+def test_two_voice_turns_with_server_vad(client, omni):
+    with client.websocket_connect("/v1/realtime") as ws:
+        created = json.loads(ws.receive_text())
+        assert created["type"] == "session.created"
+        assert created["session"]["audio"]["output"]["voice"] == omni.default_voice
+        ws.send_text(json.dumps({"type": "session.update", "event_id": "e1", "session": {
+            "type": "realtime", "instructions": "Be brief.", "output_modalities": ["audio"],
+            "audio": {"input": {"turn_detection": VAD}, "output": {"voice": omni.voices[-1]}}}}))
+        updated = json.loads(ws.receive_text())
+        assert updated["type"] == "session.updated"
+        assert updated["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 200
+        assert updated["session"]["audio"]["output"]["voice"] == omni.voices[-1]
+        previous = None
+        for turn in range(2):
+            send_audio(ws, tone_turn(hz=300.0 + 200 * turn))
+            events = receive_until(ws, "response.done")
+            order = kinds(events)
+            assert order[:5] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                                 "input_audio_buffer.committed", "conversation.item.created", "response.created"]
+            committed = events[2]
+            assert committed["previous_item_id"] == previous  # the conversation grows across turns
+            assert events[3]["item"]["role"] == "user" and events[3]["item"]["content"][0]["type"] == "input_audio"
+            audio = [e for e in events if e["type"] == "response.output_audio.delta"]
+            transcript = [e for e in events if e["type"] == "response.output_audio_transcript.delta"]
+            assert audio and transcript
+            samples = sum(len(base64.b64decode(e["delta"])) // 2 for e in audio)
+            assert samples > 0
+            done = events[-1]["response"]
+            assert done["status"] == "completed"
+            assert done["output"][0]["content"][0]["transcript"] == "".join(e["delta"] for e in transcript)
+            assert done["usage"]["output_tokens"] <= 6
+            previous = done["output"][0]["id"]
+            # the second turn's prompt holds the first turn: more input tokens
+            if turn == 1:
+                assert done["usage"]["input_tokens"] > first_input
+            first_input = done["usage"]["input_tokens"]
+
+
+def test_barge_in_cancels_the_reply(client):
+    with client.websocket_connect("/v1/realtime") as ws:
+        receive_until(ws, "session.created")
+        ws.send_text(json.dumps({"type": "session.update", "session": {
+            "turn_detection": VAD, "max_output_tokens": 400, "talker_max_new_tokens": 400}}))
+        receive_until(ws, "session.updated")
+        send_audio(ws, tone_turn())
+        receive_until(ws, "response.created")
+        send_audio(ws, tone_turn(lead=0.0, tail=0.0))  # the user speaks again over the reply
+        events = receive_until(ws, "response.done")
+        assert "input_audio_buffer.speech_started" in kinds(events)
+        assert events[-1]["response"]["status"] == "cancelled"
+        # the interrupted turn ends (silence) and is answered in full
+        send_audio(ws, np.zeros(int(0.5 * RATE), np.float32))
+        ws.send_text(json.dumps({"type": "session.update", "session": {"max_output_tokens": 4,
+                                                                       "talker_max_new_tokens": 4}}))
+        events = receive_until(ws, "response.done")
+        assert "input_audio_buffer.committed" in kinds(events)
+        assert events[-1]["response"]["status"] == "completed"
+
+
+def test_bad_events_get_errors_and_the_session_goes_on(client):
+    with client.websocket_connect("/v1/realtime") as ws:
+        receive_until(ws, "session.created")
+        bad = [
+            ("{not json", None, None),
+            (json.dumps([1, 2]), None, None),
+            (json.dumps({"type": "no.such.event", "event_id": "x1"}), "no.such.event", "x1"),
+            (json.dumps({"type": "input_audio_buffer.commit", "event_id": "x2"}), "input_audio_buffer.commit", "x2"),
+            (json.dumps({"type": "response.cancel", "event_id": "x3"}), "response.cancel", "x3"),
+            (json.dumps({"type": "input_audio_buffer.append", "event_id": "x4", "audio": "@@@"}),
+             "input_audio_buffer.append", "x4"),
+            (json.dumps({"type": "conversation.item.create", "event_id": "x5",
+                         "item": {"type": "message", "role": "user", "content": [{"type": "input_video"}]}}),
+             "conversation.item.create", "x5"),
+            (json.dumps({"type": "session.update", "event_id": "x6", "session": {"voice": "nobody"}}),
+             "session.update", "x6"),
+        ]
+        for text, event_type, event_id in bad:
+            ws.send_text(text)
+            error = json.loads(ws.receive_text())
+            assert error["type"] == "error", text
+            assert error["error"]["event_type"] == event_type and error["error"]["event_id"] == event_id
+        ws.send_text(json.dumps({"type": "session.update", "session": {"turn_detection": None,
+                                                                       "output_modalities": ["text"]}}))
+        assert receive_until(ws, "session.updated")[-1]["session"]["audio"]["input"]["turn_detection"] is None
+        ws.send_text(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}}))
+        assert json.loads(ws.receive_text())["type"] == "conversation.item.created"
+        ws.send_text(json.dumps({"type": "response.create"}))
+        ws.send_text(json.dumps({"type": "response.create", "event_id": "x7"}))  # one reply at a time
+        events = receive_until(ws, "response.done")
+        errors = [e for e in events if e["type"] == "error"]
+        assert len(errors) == 1 and errors[0]["error"]["event_id"] == "x7"
+        assert "response.output_text.delta" in kinds(events) or events[-1]["response"]["usage"]["output_tokens"]
+        assert "response.output_audio.delta" not in kinds(events)
+        # manual push-to-talk turn: append, commit, ask
+        send_audio(ws, tone_turn(tail=0.1))
+        ws.send_text(json.dumps({"type": "input_audio_buffer.commit"}))
+        ws.send_text(json.dumps({"type": "response.create"}))
+        events = receive_until(ws, "response.done")
+        assert kinds(events)[:3] == ["input_audio_buffer.committed", "conversation.item.created", "response.created"]
+        assert events[-1]["response"]["status"] == "completed"
+
+
+def test_client_that_vanishes_mid_reply_does_not_break_the_server(client):
+    with client.websocket_connect("/v1/realtime") as ws:
+        receive_until(ws, "session.created")
+        ws.send_text(json.dumps({"type": "session.update", "session": {"max_output_tokens": 300,
+                                                                       "talker_max_new_tokens": 300}}))
+        ws.send_text(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Talk."}]}}))
+        ws.send_text(json.dumps({"type": "response.create"}))
+        receive_until(ws, "response.created")
+    # closed mid-reply; a new session is served at once (the old reply stopped and released the model)
+    started = time.monotonic()
+    with client.websocket_connect("/v1/realtime") as ws:
+        receive_until(ws, "session.created")
+        ws.send_text(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}))
+        ws.send_text(json.dumps({"type": "response.create"}))
+        assert receive_until(ws, "response.done")[-1]["response"]["status"] == "completed"
+    assert time.monotonic() - started < 60
+
+
+def test_half_open_socket_against_uvicorn(app):
+    """A raw TCP client does the WebSocket handshake, asks for a reply and drops the connection without a close
+    frame; the server must keep serving."""
+    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("websockets")
+    from websockets.sync.client import connect
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="websockets-sansio")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+            json.loads(ws.recv(timeout=30))
+            ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": 300,
+                                                                      "talker_max_new_tokens": 300}}))
+            ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Talk."}]}}))
+            ws.send(json.dumps({"type": "response.create"}))
+            while json.loads(ws.recv(timeout=30))["type"] != "response.created":
+                pass
+            ws.socket.shutdown(socket.SHUT_RDWR)  # vanish: no close frame
+        with connect(f"ws://127.0.0.1:{port}/v1/realtime") as again:
+            assert json.loads(again.recv(timeout=30))["type"] == "session.created"
+            again.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}))
+            again.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 3}}))
+            while (event := json.loads(again.recv(timeout=120)))["type"] != "response.done":
+                pass
+            assert event["response"]["status"] == "completed"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,551 @@
+"""`WS /v1/realtime`: OpenAI's Realtime protocol (GA event names) over one Omni model.
+
+    client: session.update, input_audio_buffer.append/commit/clear, conversation.item.create, response.create/cancel
+    server: session.created/updated, input_audio_buffer.speech_started/speech_stopped/committed/cleared,
+            conversation.item.created, response.created, response.output_text.delta, response.output_audio.delta,
+            response.output_audio_transcript.delta, response.done, error
+
+Audio in and out is base64 PCM16 mono at 24 kHz; input audio is resampled to the model's 16 kHz. With `server_vad`
+turn detection (see vad.py) a stop in speech commits the turn and starts a reply; speech during a reply cancels it
+(barge-in). The conversation (user items, assistant replies as text) lives as long as the socket. Generation runs
+off the event loop through a `StreamRunner` (default: a thread per reply, one reply at a time per model), checked
+for cancellation between events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ..engine.pipeline import AudioChunk, TextDelta
+from ..omni import Done
+from ..processing.audio import resample
+from .vad import EnergyVad, Segment, SpeechStarted, VadSettings
+
+log = logging.getLogger(__name__)
+WIRE_RATE = 24_000  # PCM16 mono on the socket, both ways
+MIN_COMMIT_MS = 100
+
+
+# ---------------------------------------------------------------------------------------------------- event models
+
+
+class TurnDetection(BaseModel):
+    type: Literal["server_vad"] = "server_vad"
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    prefix_padding_ms: int = Field(300, ge=0, le=10_000)
+    silence_duration_ms: int = Field(500, ge=0, le=10_000)
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
+class AudioIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    turn_detection: TurnDetection | None = None
+
+
+class AudioOut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    voice: str | None = None
+
+
+class AudioSettings(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: AudioIn | None = None
+    output: AudioOut | None = None
+
+
+class SessionPatch(BaseModel):
+    """session.update's `session`: the GA layout (audio.input.turn_detection, audio.output.voice) or the flat one.
+    thinktalk's own options: talker_max_new_tokens (the speech budget in codec frames), seed, audio_chunk_frames."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["realtime"] | None = None
+    instructions: str | None = None
+    voice: str | None = None
+    output_modalities: list[Literal["text", "audio"]] | None = Field(None, min_length=1, max_length=2)
+    turn_detection: TurnDetection | None = None
+    audio: AudioSettings | None = None
+    max_output_tokens: int | Literal["inf"] | None = None
+    talker_max_new_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    audio_chunk_frames: int | None = Field(None, ge=1, le=100)
+
+
+class SessionState(BaseModel):
+    id: str = ""
+    instructions: str = ""
+    voice: str = ""
+    output_modalities: list[Literal["text", "audio"]] = ["audio"]
+    turn_detection: TurnDetection | None = TurnDetection()
+    max_output_tokens: int = Field(256, ge=1)
+    talker_max_new_tokens: int | None = None
+    seed: int | None = None
+    audio_chunk_frames: int = 4
+
+    def apply(self, patch: SessionPatch, voices: list[str]) -> "SessionState":
+        update: dict[str, Any] = {k: getattr(patch, k) for k in patch.model_fields_set if k in (
+            "instructions", "output_modalities", "talker_max_new_tokens", "seed", "audio_chunk_frames")}
+        voice = patch.voice or (patch.audio.output.voice if patch.audio and patch.audio.output else None)
+        if voice is not None:
+            if voice.lower() not in voices:
+                raise ValueError(f"unknown voice {voice!r}; this model has {', '.join(voices) or 'no voices'}")
+            update["voice"] = voice.lower()
+        if "turn_detection" in patch.model_fields_set:
+            update["turn_detection"] = patch.turn_detection
+        if patch.audio and patch.audio.input and "turn_detection" in patch.audio.input.model_fields_set:
+            update["turn_detection"] = patch.audio.input.turn_detection
+        if "max_output_tokens" in patch.model_fields_set and patch.max_output_tokens is not None:
+            tokens = patch.max_output_tokens
+            update["max_output_tokens"] = 4096 if tokens == "inf" else max(1, tokens)
+        return self.model_copy(update=update)
+
+    def public(self) -> dict:
+        """The session as OpenAI's GA `session` object (plus thinktalk's own fields)."""
+        pcm = {"type": "audio/pcm", "rate": WIRE_RATE}
+        td = None if self.turn_detection is None else self.turn_detection.model_dump()
+        return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": "qwen3-omni",
+                "instructions": self.instructions, "output_modalities": self.output_modalities,
+                "max_output_tokens": self.max_output_tokens,
+                "audio": {"input": {"format": pcm, "turn_detection": td},
+                          "output": {"format": pcm, "voice": self.voice}},
+                "talker_max_new_tokens": self.talker_max_new_tokens, "seed": self.seed,
+                "audio_chunk_frames": self.audio_chunk_frames}
+
+
+class ContentPart(BaseModel):
+    type: Literal["input_text", "input_audio", "input_image", "text", "output_text"]
+    text: str | None = None
+    audio: str | None = None  # base64 PCM16 mono 24 kHz (input_audio)
+    image_url: str | None = None  # a data URL (input_image)
+    transcript: str | None = None
+
+
+class MessageItem(BaseModel):
+    id: str | None = None
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system"]
+    content: list[ContentPart] = Field(min_length=1)
+
+
+class ClientEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    event_id: str | None = None
+
+
+class SessionUpdate(ClientEvent):
+    type: Literal["session.update"]
+    session: SessionPatch
+
+
+class InputAudioAppend(ClientEvent):
+    type: Literal["input_audio_buffer.append"]
+    audio: str
+
+
+class InputAudioCommit(ClientEvent):
+    type: Literal["input_audio_buffer.commit"]
+
+
+class InputAudioClear(ClientEvent):
+    type: Literal["input_audio_buffer.clear"]
+
+
+class ConversationItemCreate(ClientEvent):
+    type: Literal["conversation.item.create"]
+    item: MessageItem
+    previous_item_id: str | None = None
+
+
+class ResponseOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+
+
+class ResponseCreate(ClientEvent):
+    type: Literal["response.create"]
+    response: ResponseOptions | None = None
+
+
+class ResponseCancel(ClientEvent):
+    type: Literal["response.cancel"]
+    response_id: str | None = None
+
+
+_CLIENT_EVENTS = TypeAdapter(Annotated[Union[SessionUpdate, InputAudioAppend, InputAudioCommit, InputAudioClear,
+                                             ConversationItemCreate, ResponseCreate, ResponseCancel],
+                                       Field(discriminator="type")])
+
+
+def parse_client_event(raw: dict) -> ClientEvent:
+    return _CLIENT_EVENTS.validate_python(raw)
+
+
+class ServerEvent(BaseModel):
+    """A server event: `type` plus its fields (the payloads follow OpenAI's GA Realtime reference)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    @classmethod
+    def of(cls, type: str, **fields: Any) -> "ServerEvent":
+        return cls(type=type, **fields)
+
+
+class ErrorEvent(ServerEvent):
+    type: Literal["error"] = "error"
+    error: dict
+
+    @classmethod
+    def make(cls, message: str, code: str, event_type: str | None, event_id: str | None,
+             param: str | None) -> "ErrorEvent":
+        kind = "invalid_request_error" if code != "generation_failed" else "server_error"
+        return cls(error={"type": kind, "code": code, "message": message, "param": param,
+                          "event_id": event_id, "event_type": event_type})
+
+
+class StreamRunner(Protocol):
+    """Runs a blocking `Omni.stream` iterator off the event loop. `start()` creates it in the worker; events come
+    back in order; once `cancel` is set no further event is delivered and the iterator is closed."""
+
+    def stream(self, start: Callable[[], Iterator], cancel: threading.Event) -> AsyncIterator: ...
+
+
+class ThreadStreamRunner:
+    """One thread per reply; a lock keeps the model to one reply at a time (the others wait their turn)."""
+
+    def __init__(self) -> None:
+        self._model_lock = threading.Lock()
+
+    async def stream(self, start: Callable[[], Iterator], cancel: threading.Event) -> AsyncIterator:
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        end = object()
+
+        def work() -> None:
+            outcome: object = end
+            with self._model_lock:
+                try:
+                    events = start()
+                    try:
+                        for event in events:
+                            if cancel.is_set():
+                                break
+                            loop.call_soon_threadsafe(queue.put_nowait, event)
+                    finally:
+                        events.close()
+                except Exception as exc:  # handed to the awaiting coroutine, which raises it
+                    outcome = exc
+            loop.call_soon_threadsafe(queue.put_nowait, outcome)
+
+        threading.Thread(target=work, name="realtime-reply", daemon=True).start()
+        while (item := await queue.get()) is not end:
+            if isinstance(item, Exception):
+                raise item
+            if not cancel.is_set():
+                yield item
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def pcm16_to_float(data: str) -> np.ndarray:
+    raw = base64.b64decode(data, validate=True)
+    if len(raw) % 2:
+        raise ValueError("PCM16 audio must have an even number of bytes")
+    return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def float_to_pcm16(samples: np.ndarray) -> str:
+    pcm = np.clip(np.round(np.asarray(samples, dtype=np.float32) * 32767.0), -32768, 32767).astype("<i2")
+    return base64.b64encode(pcm.tobytes()).decode("ascii")
+
+
+class SocketGone(Exception):
+    """The client went away (closed or half-open socket); the session stops."""
+
+
+class RealtimeSession:
+    def __init__(self, websocket: WebSocket, omni, runner: StreamRunner, defaults: SessionState):
+        self.ws, self.omni, self.runner = websocket, omni, runner
+        self.state = defaults.model_copy(update={"id": new_id("sess")})
+        self.items: list[dict] = []  # conversation items as the client sees them (OpenAI format)
+        self.messages: list[dict] = []  # the same, as Omni messages
+        self.buffer = np.zeros(0, dtype=np.float32)  # uncommitted input audio at 24 kHz
+        self.buffer_origin = 0  # session sample index of buffer[0]
+        self.vad: EnergyVad | None = None
+        self.speech_start: int | None = None
+        self.reply: asyncio.Task | None = None
+        self.cancel = threading.Event()
+        self.send_lock = asyncio.Lock()
+        self.open = True
+        self._configure_vad()
+
+    # -------------------------------------------------------------------------------------------------- plumbing
+
+    async def send(self, event: ServerEvent) -> None:
+        if not self.open:
+            raise SocketGone()
+        payload = event.model_dump(mode="json", exclude_none=False)
+        payload["event_id"] = new_id("event")
+        async with self.send_lock:
+            try:
+                await self.ws.send_text(json.dumps(payload))
+            except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+                self.open = False
+                raise SocketGone() from exc
+
+    async def error(self, message: str, code: str, event: dict | None = None, param: str | None = None) -> None:
+        event = event or {}
+        await self.send(ErrorEvent.make(message, code, event.get("type"), event.get("event_id"), param))
+
+    async def run(self) -> None:
+        await self.send(ServerEvent.of("session.created", session=self.state.public()))
+        try:
+            while True:
+                try:
+                    text = await self.ws.receive_text()
+                except (WebSocketDisconnect, RuntimeError):
+                    return
+                await self.handle(text)
+        except SocketGone:
+            return
+        finally:
+            self.open = False
+            await self.stop_reply()
+
+    async def handle(self, text: str) -> None:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            await self.error(f"the message is not JSON: {exc}", "invalid_json")
+            return
+        if not isinstance(raw, dict):
+            await self.error("an event must be a JSON object", "invalid_request_error")
+            return
+        try:
+            event = parse_client_event(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"])
+            await self.error(f"invalid {raw.get('type')!r} event: {param}: {first['msg']}",
+                             "invalid_request_error", raw, param)
+            return
+        try:
+            await self.dispatch(event)
+        except ValueError as exc:  # a semantic problem with a well-formed event: the client is told, we go on
+            await self.error(str(exc), "invalid_request_error", raw)
+
+    async def dispatch(self, event: ClientEvent) -> None:
+        if isinstance(event, SessionUpdate):
+            self.state = self.state.apply(event.session, self.omni.voices)
+            self._configure_vad()
+            await self.send(ServerEvent.of("session.updated", session=self.state.public()))
+        elif isinstance(event, InputAudioAppend):
+            await self.append_audio(event.audio)
+        elif isinstance(event, InputAudioCommit):
+            if len(self.buffer) < WIRE_RATE * MIN_COMMIT_MS // 1000:
+                raise ValueError(f"the input audio buffer holds {1000 * len(self.buffer) // WIRE_RATE} ms; "
+                                 f"at least {MIN_COMMIT_MS} ms are needed to commit")
+            await self.commit(len(self.buffer), 0)
+        elif isinstance(event, InputAudioClear):
+            self._drop_buffer(len(self.buffer))
+            await self.send(ServerEvent.of("input_audio_buffer.cleared"))
+        elif isinstance(event, ConversationItemCreate):
+            await self.add_item(event.item, event.previous_item_id)
+        elif isinstance(event, ResponseCreate):
+            if self.reply is not None and not self.reply.done():
+                raise ValueError("conversation_already_has_active_response: cancel it or wait for response.done")
+            await self.start_reply(event.response.max_output_tokens if event.response else None,
+                                   event.response.instructions if event.response else None)
+        elif isinstance(event, ResponseCancel):
+            if self.reply is None or self.reply.done():
+                raise ValueError("there is no active response to cancel")
+            await self.stop_reply()
+
+    # ------------------------------------------------------------------------------------------------ input audio
+
+    def _configure_vad(self) -> None:
+        td = self.state.turn_detection
+        settings = None if td is None else VadSettings(td.threshold, td.prefix_padding_ms, td.silence_duration_ms)
+        if self.vad is None or settings is None or self.vad.settings != settings:
+            self.vad = None if settings is None else EnergyVad(settings, WIRE_RATE)
+            if self.vad is not None:
+                self.vad.position = self.buffer_origin + len(self.buffer)
+            self.speech_start = None
+
+    def _drop_buffer(self, samples: int) -> None:
+        self.buffer = self.buffer[samples:]
+        self.buffer_origin += samples
+
+    def _ms(self, sample: int) -> int:
+        return sample * 1000 // WIRE_RATE
+
+    async def append_audio(self, data: str) -> None:
+        try:
+            samples = pcm16_to_float(data)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"audio is not base64 PCM16: {exc}") from exc
+        self.buffer = np.concatenate([self.buffer, samples])
+        if self.vad is None:
+            return
+        for change in self.vad.feed(samples):
+            if isinstance(change, SpeechStarted):
+                self.speech_start = change.sample
+                await self.send(ServerEvent.of("input_audio_buffer.speech_started",
+                                               audio_start_ms=self._ms(change.sample), item_id=new_id("item")))
+                td = self.state.turn_detection
+                if td is not None and td.interrupt_response and self.reply is not None and not self.reply.done():
+                    await self.stop_reply()
+            else:
+                started = self.speech_start if self.speech_start is not None else self.buffer_origin
+                await self.send(ServerEvent.of("input_audio_buffer.speech_stopped",
+                                               audio_end_ms=self._ms(change.sample), item_id=new_id("item")))
+                segment = Segment.around(started, change.sample, self.vad.settings, WIRE_RATE)
+                start = max(0, segment.start - self.buffer_origin)
+                await self.commit(segment.end - self.buffer_origin, start)
+                self.speech_start = None
+                td = self.state.turn_detection
+                if td is not None and td.create_response:
+                    await self.stop_reply()
+                    await self.start_reply(None, None)
+
+    async def commit(self, end: int, start: int) -> None:
+        audio = self.buffer[start:end]
+        self._drop_buffer(end)
+        item = MessageItem(id=new_id("item"), role="user", content=[{"type": "input_audio", "transcript": None}])
+        await self.send(ServerEvent.of("input_audio_buffer.committed", item_id=item.id,
+                                       previous_item_id=self.items[-1]["id"] if self.items else None))
+        model_audio = resample(audio, WIRE_RATE, self.omni.media.audio.sampling_rate)
+        await self._remember(item, {"role": "user", "content": [
+            {"type": "audio", "audio": (model_audio, self.omni.media.audio.sampling_rate)}]})
+
+    # ---------------------------------------------------------------------------------------------- conversation
+
+    async def add_item(self, item: MessageItem, previous_item_id: str | None) -> None:
+        if previous_item_id not in (None, "root") and all(i["id"] != previous_item_id for i in self.items):
+            raise ValueError(f"previous_item_id {previous_item_id!r} is not in the conversation")
+        item = item.model_copy(update={"id": item.id or new_id("item")})
+        parts: list[dict] = []
+        for part in item.content:
+            if part.type == "input_audio":
+                samples = pcm16_to_float(part.audio or "")
+                rate = self.omni.media.audio.sampling_rate
+                parts.append({"type": "audio", "audio": (resample(samples, WIRE_RATE, rate), rate)})
+            elif part.type == "input_image":
+                parts.append({"type": "image", "image": part.image_url})
+            else:
+                parts.append({"type": "text", "text": part.text or ""})
+        public = item.model_copy(update={"content": [p.model_copy(update={"audio": None}) for p in item.content]})
+        await self._remember(public, {"role": item.role, "content": parts})
+
+    async def _remember(self, item: MessageItem, message: dict) -> None:
+        previous = self.items[-1]["id"] if self.items else None
+        self.items.append(item.model_dump(mode="json", exclude_none=True))
+        self.messages.append(message)
+        await self.send(ServerEvent.of("conversation.item.created", previous_item_id=previous, item=self.items[-1]))
+
+    def prompt(self, instructions: str | None) -> list[dict]:
+        system = instructions if instructions is not None else self.state.instructions
+        return ([{"role": "system", "content": system}] if system else []) + self.messages
+
+    # -------------------------------------------------------------------------------------------------- replies
+
+    async def start_reply(self, max_tokens: int | None, instructions: str | None) -> None:
+        self.cancel = threading.Event()
+        self.reply = asyncio.create_task(self._reply(self.cancel, max_tokens, instructions))
+
+    async def stop_reply(self) -> None:
+        """Cancel the active reply (if any) and wait until its response.done went out."""
+        if self.reply is None:
+            return
+        self.cancel.set()
+        reply, self.reply = self.reply, None
+        await asyncio.wait([reply])
+        if not reply.cancelled() and (exc := reply.exception()) is not None and not isinstance(exc, SocketGone):
+            log.error("realtime reply failed", exc_info=exc)
+
+    async def _reply(self, cancel: threading.Event, max_tokens: int | None, instructions: str | None) -> None:
+        response_id, item_id = new_id("resp"), new_id("item")
+        speak = "audio" in self.state.output_modalities and bool(self.omni.voices)
+        await self.send(ServerEvent.of("response.created", response={
+            "id": response_id, "object": "realtime.response", "status": "in_progress", "output": [],
+            "output_modalities": ["audio"] if speak else ["text"]}))
+        options = dict(return_audio=speak, max_new_tokens=max_tokens or self.state.max_output_tokens,
+                       seed=self.state.seed, audio_chunk_frames=self.state.audio_chunk_frames)
+        if speak:
+            options.update(voice=self.state.voice, talker={"max_new_tokens": self.state.talker_max_new_tokens})
+        messages = self.prompt(instructions)
+        text, status, usage, failure = [], "completed", None, None
+        where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+        text_kind = "response.output_audio_transcript.delta" if speak else "response.output_text.delta"
+        try:
+            async for event in self.runner.stream(lambda: self.omni.stream(messages, **options), cancel):
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                    await self.send(ServerEvent.of(text_kind, delta=event.text, **where))
+                elif isinstance(event, AudioChunk) and event.audio.size:
+                    audio = event.audio if event.sample_rate == WIRE_RATE else resample(
+                        event.audio, event.sample_rate, WIRE_RATE)
+                    await self.send(ServerEvent.of("response.output_audio.delta", delta=float_to_pcm16(audio),
+                                                   **where))
+                elif isinstance(event, Done):
+                    usage = event.result.usage
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad media, a model error: reported back
+            status, failure = "failed", exc
+            log.warning("realtime reply %s failed: %s", response_id, exc)
+        if cancel.is_set() and status == "completed":
+            status = "cancelled"
+        reply_text = "".join(text)
+        part_type = "output_audio" if speak else "output_text"
+        content = {"type": part_type, ("transcript" if speak else "text"): reply_text}
+        item = {"id": item_id, "type": "message", "role": "assistant", "status": "completed" if status ==
+                "completed" else "incomplete", "content": [content]}
+        if reply_text:
+            self.items.append(item)
+            self.messages.append({"role": "assistant", "content": reply_text})
+        if not self.open:
+            return
+        if failure is not None:
+            await self.error(f"generation failed: {failure}", "generation_failed")
+        response = {"id": response_id, "object": "realtime.response", "status": status, "output": [item],
+                    "status_details": {"type": status, "reason": "turn_detected" if status == "cancelled" else None},
+                    "usage": None if usage is None else {"input_tokens": usage.prompt_tokens,
+                                                         "output_tokens": usage.completion_tokens,
+                                                         "total_tokens": usage.total_tokens}}
+        await self.send(ServerEvent.of("response.done", response=response))
+
+
+def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str, Any] | None = None) -> APIRouter:
+    """`WS /v1/realtime` and `GET /v1/realtime/voices` over `omni`. `runner` runs replies off the event loop (the
+    HTTP server's worker, or by default a thread per reply); `defaults` seed every session (SessionState fields,
+    e.g. {"max_output_tokens": 64, "talker_max_new_tokens": 24})."""
+    runner = runner or ThreadStreamRunner()
+    base = SessionState(voice=omni.default_voice if omni.voices else "", **(defaults or {}))
+    router = APIRouter()
+
+    @router.get("/v1/realtime/voices")
+    def voices() -> dict:
+        return {"voices": omni.voices, "default": base.voice or None}
+
+    @router.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await RealtimeSession(websocket, omni, runner, base).run()
+
+    return router
+
