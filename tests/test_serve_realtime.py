@@ -161,12 +161,22 @@ def test_bad_events_get_errors_and_the_session_goes_on(client):
              "conversation.item.create", "x5"),
             (json.dumps({"type": "session.update", "event_id": "x6", "session": {"voice": "nobody"}}),
              "session.update", "x6"),
+            (json.dumps({"type": "conversation.item.create", "event_id": "x8", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_image",
+                                                                "image_url": "data:image/png;base64,AAAA"}]}}),
+             "conversation.item.create", "x8"),
+            (json.dumps({"type": "conversation.item.create", "event_id": "x9", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text"}]}}),
+             "conversation.item.create", "x9"),
+            (json.dumps({"type": "response.create", "event_id": "x10", "extra": 1}), "response.create", "x10"),
         ]
         for text, event_type, event_id in bad:
             ws.send_text(text)
             error = json.loads(ws.receive_text())
             assert error["type"] == "error", text
             assert error["error"]["event_type"] == event_type and error["error"]["event_id"] == event_id
+        ws.send_bytes(b"\x00\x01")
+        assert json.loads(ws.receive_text())["type"] == "error"
         ws.send_text(json.dumps({"type": "session.update", "session": {"turn_detection": None,
                                                                        "output_modalities": ["text"]}}))
         assert receive_until(ws, "session.updated")[-1]["session"]["audio"]["input"]["turn_detection"] is None

@@ -21,11 +21,13 @@ import json
 import logging
 import threading
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -36,6 +38,8 @@ from ..processing.audio import resample
 from .vad import EnergyVad, Segment, SpeechStarted, VadSettings
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 WIRE_RATE = 24_000  # PCM16 mono on the socket, both ways
 MIN_COMMIT_MS = 100
 
@@ -79,7 +83,7 @@ class SessionPatch(BaseModel):
     output_modalities: list[Literal["text", "audio"]] | None = Field(None, min_length=1, max_length=2)
     turn_detection: TurnDetection | None = None
     audio: AudioSettings | None = None
-    max_output_tokens: int | Literal["inf"] | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None  # "inf": 4096
     talker_max_new_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
     audio_chunk_frames: int | None = Field(None, ge=1, le=100)
@@ -110,7 +114,7 @@ class SessionState(BaseModel):
             update["turn_detection"] = patch.audio.input.turn_detection
         if "max_output_tokens" in patch.model_fields_set and patch.max_output_tokens is not None:
             tokens = patch.max_output_tokens
-            update["max_output_tokens"] = 4096 if tokens == "inf" else max(1, tokens)
+            update["max_output_tokens"] = 4096 if tokens == "inf" else tokens
         return self.model_copy(update=update)
 
     def public(self) -> dict:
@@ -317,11 +321,13 @@ class RealtimeSession:
         await self.send(ServerEvent.of("session.created", session=self.state.public()))
         try:
             while True:
-                try:
-                    text = await self.ws.receive_text()
-                except (WebSocketDisconnect, RuntimeError):
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
                     return
-                await self.handle(text)
+                if message.get("text") is None:
+                    await self.error("binary frames are not part of the protocol: send JSON text", "invalid_request_error")
+                    continue
+                await self.handle(message["text"])
         except SocketGone:
             return
         finally:
@@ -441,17 +447,23 @@ class RealtimeSession:
             raise ValueError(f"previous_item_id {previous_item_id!r} is not in the conversation")
         item = item.model_copy(update={"id": item.id or new_id("item")})
         parts: list[dict] = []
-        for part in item.content:
+        for index, part in enumerate(item.content):
+            field = {"input_audio": "audio", "input_image": "image_url"}.get(part.type, "text")
+            if getattr(part, field) is None:
+                raise ValueError(f"item.content[{index}]: a {part.type!r} part needs {field!r}")
             if part.type == "input_audio":
-                samples = pcm16_to_float(part.audio or "")
                 rate = self.omni.media.audio.sampling_rate
-                parts.append({"type": "audio", "audio": (resample(samples, WIRE_RATE, rate), rate)})
+                parts.append({"type": "audio", "audio": (resample(pcm16_to_float(part.audio), WIRE_RATE, rate), rate)})
             elif part.type == "input_image":
                 parts.append({"type": "image", "image": part.image_url})
             else:
-                parts.append({"type": "text", "text": part.text or ""})
+                parts.append({"type": "text", "text": part.text})
+        message = {"role": item.role, "content": parts}
+        # The media are decoded now, off the event loop, so a bad image or clip is refused here and never poisons
+        # the conversation's later turns.
+        await asyncio.to_thread(self.omni.prepare, [message])
         public = item.model_copy(update={"content": [p.model_copy(update={"audio": None}) for p in item.content]})
-        await self._remember(public, {"role": item.role, "content": parts})
+        await self._remember(public, message)
 
     async def _remember(self, item: MessageItem, message: dict) -> None:
         previous = self.items[-1]["id"] if self.items else None
@@ -549,3 +561,19 @@ def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str
 
     return router
 
+
+def static_router() -> APIRouter:
+    """The web page: `GET /` and its two assets under `/static/` (only the files the page is made of)."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type=PAGE_FILES["index.html"])
+
+    @router.get("/static/{name}", include_in_schema=False)
+    def asset(name: str) -> FileResponse:
+        if name not in PAGE_FILES:
+            raise HTTPException(status_code=404, detail=f"no static file {name!r}")
+        return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers={"Cache-Control": "no-cache"})
+
+    return router
