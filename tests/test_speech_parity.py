@@ -73,17 +73,8 @@ def _shapes(module: nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
     return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These small ops run ~10x faster on one thread than on two cores shared with other jobs (OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def speech(tmp_path_factory, one_thread) -> SimpleNamespace:
+def speech(tmp_path_factory) -> SimpleNamespace:
     reference = build_reference(tiny_config_dict(), seed=3)  # its code2wav is well conditioned (checkpoints.py)
     path: Path = tmp_path_factory.mktemp("speech")
     reference.save_pretrained(path)

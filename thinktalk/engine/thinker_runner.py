@@ -15,7 +15,7 @@ import torch
 
 from ..layers.decoder import LayerHook
 from ..models.thinker import Thinker
-from .kv_cache import LayerCaches
+from .kv_cache import CacheCursor, LayerCaches
 from .sampler import Sampler
 
 
@@ -62,9 +62,7 @@ class ThinkerRunner:
         self.thinker, self.batch, self.max_len = thinker, batch, max_len
         self.device = param.device
         self.cache = LayerCaches(thinker.cfg.text, batch, max_len, param.dtype, param.device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.rope_deltas = torch.zeros(batch, dtype=torch.float32, device=self.device)
-        self.key_slots = torch.arange(max_len, device=self.device)
+        self.cursor = CacheCursor(batch, max_len, self.device)
         self._step = self._eager_step
         if compile:
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
@@ -75,13 +73,12 @@ class ThinkerRunner:
         """-> (logits at each row's last prompt token (batch, vocab), kept hidden states or None)."""
         batch, seq, _ = inputs.embeds.shape
         assert batch == self.batch and seq <= self.max_len, (batch, seq, self.batch, self.max_len)
-        slots = torch.arange(seq, device=self.device).expand(batch, seq)
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=self.device).tril().view(1, 1, seq, seq)
-        logits, _, kept = self.thinker(inputs.embeds, inputs.positions, mask=causal, cache=self.cache, slots=slots,
+        slots = self.cursor.start(inputs.lengths, inputs.rope_deltas, seq)
+        # Keys are the cache's first `seq` slots, written by this very prefill: plain causal attention (mask=None)
+        # is exact, and needs no (seq, seq) mask in memory.
+        logits, _, kept = self.thinker(inputs.embeds, inputs.positions, mask=None, cache=self.cache, slots=slots,
                                        key_len=seq, after_layer=inputs.after_layer, keep_hidden=inputs.keep_hidden,
                                        logits_at=inputs.lengths - 1)
-        self.lengths.copy_(inputs.lengths)
-        self.rope_deltas.copy_(inputs.rope_deltas)
         return logits, kept
 
     @torch.inference_mode()
@@ -90,12 +87,9 @@ class ThinkerRunner:
         return self._step(tokens)
 
     def _eager_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        slots = self.lengths.unsqueeze(1)  # (batch, 1)
-        positions = (self.lengths + self.rope_deltas).view(1, -1, 1).expand(3, -1, 1)
-        mask = (self.key_slots.view(1, 1, 1, -1) <= slots.view(-1, 1, 1, 1))  # (batch, 1, 1, max_len)
+        slots, positions, mask = self.cursor.step()
         embeds = self.thinker.embed(tokens.unsqueeze(1))
         logits, _, _ = self.thinker(embeds, positions, mask=mask, cache=self.cache, slots=slots)
-        self.lengths.add_(1)
         return logits[:, -1]
 
 
