@@ -67,7 +67,7 @@ class DevTools:
             if value := self.evaluate(expression):
                 return value
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {expression}; page: {self.evaluate('JSON.stringify(document.body.dataset)')}")
+        raise AssertionError(f"timed out waiting for {expression}; page state: {self.dataset()}")
 
     def dataset(self) -> dict:
         return json.loads(self.evaluate("JSON.stringify(document.body.dataset)"))

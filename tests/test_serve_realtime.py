@@ -17,7 +17,9 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from thinktalk import Omni  # noqa: E402
-from thinktalk.serve.realtime import float_to_pcm16, realtime_router  # noqa: E402
+from starlette.websockets import WebSocketDisconnect  # noqa: E402
+
+from thinktalk.serve.realtime import WorkerStreamRunner, float_to_pcm16, realtime_router  # noqa: E402
 from thinktalk.serve.vad import EnergyVad, SpeechStarted, SpeechStopped, VadSettings  # noqa: E402
 
 RATE = 24_000
@@ -34,7 +36,8 @@ def tone_turn(seconds: float = 0.6, hz: float = 440.0, lead: float = 0.2, tail: 
 def send_audio(ws, audio: np.ndarray, chunk_ms: int = 100) -> None:
     step = RATE * chunk_ms // 1000
     for start in range(0, len(audio), step):
-        ws.send_text(json.dumps({"type": "input_audio_buffer.append", "audio": float_to_pcm16(audio[start:start + step])}))
+        chunk = float_to_pcm16(audio[start:start + step])
+        ws.send_text(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
 
 
 def receive_until(ws, done: str, limit: int = 5000) -> list[dict]:
@@ -137,9 +140,9 @@ def test_barge_in_cancels_the_reply(client):
         assert "input_audio_buffer.speech_started" in kinds(events)
         assert events[-1]["response"]["status"] == "cancelled"
         # the interrupted turn ends (silence) and is answered in full
-        send_audio(ws, np.zeros(int(0.5 * RATE), np.float32))
         ws.send_text(json.dumps({"type": "session.update", "session": {"max_output_tokens": 4,
                                                                        "talker_max_new_tokens": 4}}))
+        send_audio(ws, np.zeros(int(0.5 * RATE), np.float32))
         events = receive_until(ws, "response.done")
         assert "input_audio_buffer.committed" in kinds(events)
         assert events[-1]["response"]["status"] == "completed"
@@ -257,3 +260,58 @@ def test_half_open_socket_against_uvicorn(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def text_turn(ws, text: str, **response) -> list[dict]:
+    ws.send_text(json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
+    ws.send_text(json.dumps({"type": "response.create", **({"response": response} if response else {})}))
+    return receive_until(ws, "response.done")
+
+
+def test_api_key_header_or_subprotocol(omni):
+    app = FastAPI()
+    app.include_router(realtime_router(omni, defaults={"max_output_tokens": 2, "output_modalities": ["text"]},
+                                       api_key="sesame"))
+    with TestClient(app) as client:
+        for wrong in ({}, {"headers": {"Authorization": "Bearer nope"}},
+                      {"subprotocols": ["realtime", "openai-insecure-api-key.nope"]}):
+            with pytest.raises(WebSocketDisconnect) as refused:
+                with client.websocket_connect("/v1/realtime", **wrong) as ws:
+                    ws.receive_text()
+            assert refused.value.code == 1008
+        with client.websocket_connect("/v1/realtime", headers={"Authorization": "Bearer sesame"}) as ws:
+            assert json.loads(ws.receive_text())["type"] == "session.created"
+        offered = ["realtime", "openai-insecure-api-key.sesame"]
+        with client.websocket_connect("/v1/realtime", subprotocols=offered) as ws:
+            assert ws.accepted_subprotocol == "realtime"
+            assert text_turn(ws, "Hi")[-1]["response"]["status"] == "completed"
+
+
+def test_replies_on_the_http_servers_engine_worker(omni):
+    engine_worker = pytest.importorskip("thinktalk.serve.engine_worker")
+    worker = engine_worker.EngineWorker(max_active=2, max_queued=4, expected_errors=(ValueError,))
+    worker.start()
+    try:
+        app = FastAPI()
+        app.include_router(realtime_router(omni, runner=WorkerStreamRunner(worker), defaults={
+            "max_output_tokens": 4, "talker_max_new_tokens": 4, "seed": 0}))
+        with TestClient(app) as client, client.websocket_connect("/v1/realtime") as ws:
+            receive_until(ws, "session.created")
+            events = text_turn(ws, "Hello")
+            assert events[-1]["response"]["status"] == "completed"
+            assert "response.output_audio.delta" in kinds(events)
+            ws.send_text(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "More."}]}}))
+            ws.send_text(json.dumps({"type": "session.update", "session": {"max_output_tokens": 400,
+                                                                           "talker_max_new_tokens": 400}}))
+            ws.send_text(json.dumps({"type": "response.create"}))
+            receive_until(ws, "response.created")
+            ws.send_text(json.dumps({"type": "response.cancel"}))
+            assert receive_until(ws, "response.done")[-1]["response"]["status"] == "cancelled"
+            deadline = time.monotonic() + 30
+            while worker.counts != (0, 0) and time.monotonic() < deadline:  # the worker closed the generator
+                time.sleep(0.05)
+            assert worker.counts == (0, 0)
+    finally:
+        worker.stop()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import hmac
 import json
 import logging
 import threading
@@ -42,6 +44,7 @@ STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 WIRE_RATE = 24_000  # PCM16 mono on the socket, both ways
 MIN_COMMIT_MS = 100
+KEY_PROTOCOL = "openai-insecure-api-key."
 
 
 # ---------------------------------------------------------------------------------------------------- event models
@@ -222,11 +225,41 @@ class ErrorEvent(ServerEvent):
                           "event_id": event_id, "event_type": event_type})
 
 
-class StreamRunner(Protocol):
-    """Runs a blocking `Omni.stream` iterator off the event loop. `start()` creates it in the worker; events come
-    back in order; once `cancel` is set no further event is delivered and the iterator is closed."""
+class Cancel:
+    """A reply's stop signal: set on the event loop, read by the engine's thread and awaited by the reply."""
 
-    def stream(self, start: Callable[[], Iterator], cancel: threading.Event) -> AsyncIterator: ...
+    def __init__(self) -> None:
+        self._flag, self._event = threading.Event(), asyncio.Event()
+
+    def set(self) -> None:
+        self._flag.set()
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._flag.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+async def next_or_cancel(queue: asyncio.Queue, cancel: Cancel) -> tuple[bool, object]:
+    """(True, item) for the queue's next item, (False, None) as soon as `cancel` is set."""
+    if cancel.is_set():
+        return False, None
+    getter, waiter = asyncio.ensure_future(queue.get()), asyncio.ensure_future(cancel.wait())
+    done, pending = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    if getter in done and not cancel.is_set():
+        return True, getter.result()
+    return False, None
+
+
+class StreamRunner(Protocol):
+    """Runs a blocking `Omni.stream` iterator off the event loop. `start()` creates it on the engine's thread; its
+    events come back in order; once `cancel` is set, iteration ends at once and the iterator is closed there."""
+
+    def stream(self, start: Callable[[], Iterator], cancel: Cancel) -> AsyncIterator: ...
 
 
 class ThreadStreamRunner:
@@ -235,32 +268,72 @@ class ThreadStreamRunner:
     def __init__(self) -> None:
         self._model_lock = threading.Lock()
 
-    async def stream(self, start: Callable[[], Iterator], cancel: threading.Event) -> AsyncIterator:
+    async def stream(self, start: Callable[[], Iterator], cancel: Cancel) -> AsyncIterator:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         end = object()
+
+        def deliver(item: object) -> None:
+            if not loop.is_closed():  # a cancelled reply's thread may outlive the session's loop
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def work() -> None:
             outcome: object = end
             with self._model_lock:
                 try:
-                    events = start()
-                    try:
-                        for event in events:
-                            if cancel.is_set():
-                                break
-                            loop.call_soon_threadsafe(queue.put_nowait, event)
-                    finally:
-                        events.close()
+                    if not cancel.is_set():
+                        events = start()
+                        try:
+                            for event in events:
+                                if cancel.is_set():
+                                    break
+                                deliver(event)
+                        finally:
+                            events.close()
                 except Exception as exc:  # handed to the awaiting coroutine, which raises it
                     outcome = exc
-            loop.call_soon_threadsafe(queue.put_nowait, outcome)
+            deliver(outcome)
 
         threading.Thread(target=work, name="realtime-reply", daemon=True).start()
-        while (item := await queue.get()) is not end:
-            if isinstance(item, Exception):
-                raise item
-            if not cancel.is_set():
+        ended = False
+        try:
+            while True:
+                more, item = await next_or_cancel(queue, cancel)
+                if not more or item is end:
+                    ended = True
+                    return
+                if isinstance(item, Exception):
+                    ended = True
+                    raise item
                 yield item
+        finally:
+            if not ended:  # the consumer left early (its socket is gone): the thread stops at its next event
+                cancel.set()
+
+
+class WorkerStreamRunner:
+    """Replies on the HTTP server's engine worker (engine_worker.EngineWorker), interleaved with its requests."""
+
+    def __init__(self, worker) -> None:
+        from .engine_worker import Failed, Finished, QueueFull, WorkerStopped
+
+        self.worker = worker
+        self._failed, self._finished, self._refusals = Failed, Finished, (QueueFull, WorkerStopped)
+
+    async def stream(self, start: Callable[[], Iterator], cancel: Cancel) -> AsyncIterator:
+        try:
+            job = self.worker.submit(start, asyncio.get_running_loop())
+        except self._refusals as exc:
+            raise RuntimeError(f"the engine cannot take this reply now: {exc}") from exc
+        try:
+            while True:
+                more, item = await next_or_cancel(job.events, cancel)
+                if not more or isinstance(item, self._finished):
+                    return
+                if isinstance(item, self._failed):
+                    raise item.error
+                yield item
+        finally:
+            job.cancel()  # a no-op once finished; otherwise the worker closes the generator at its next turn
 
 
 def new_id(prefix: str) -> str:
@@ -294,7 +367,7 @@ class RealtimeSession:
         self.vad: EnergyVad | None = None
         self.speech_start: int | None = None
         self.reply: asyncio.Task | None = None
-        self.cancel = threading.Event()
+        self.cancel = Cancel()
         self.send_lock = asyncio.Lock()
         self.open = True
         self._configure_vad()
@@ -325,7 +398,8 @@ class RealtimeSession:
                 if message["type"] == "websocket.disconnect":
                     return
                 if message.get("text") is None:
-                    await self.error("binary frames are not part of the protocol: send JSON text", "invalid_request_error")
+                    await self.error("binary frames are not part of the protocol: send JSON text",
+                                     "invalid_request_error")
                     continue
                 await self.handle(message["text"])
         except SocketGone:
@@ -478,7 +552,7 @@ class RealtimeSession:
     # -------------------------------------------------------------------------------------------------- replies
 
     async def start_reply(self, max_tokens: int | None, instructions: str | None) -> None:
-        self.cancel = threading.Event()
+        self.cancel = Cancel()
         self.reply = asyncio.create_task(self._reply(self.cancel, max_tokens, instructions))
 
     async def stop_reply(self) -> None:
@@ -491,7 +565,7 @@ class RealtimeSession:
         if not reply.cancelled() and (exc := reply.exception()) is not None and not isinstance(exc, SocketGone):
             log.error("realtime reply failed", exc_info=exc)
 
-    async def _reply(self, cancel: threading.Event, max_tokens: int | None, instructions: str | None) -> None:
+    async def _reply(self, cancel: Cancel, max_tokens: int | None, instructions: str | None) -> None:
         response_id, item_id = new_id("resp"), new_id("item")
         speak = "audio" in self.state.output_modalities and bool(self.omni.voices)
         await self.send(ServerEvent.of("response.created", response={
@@ -506,17 +580,19 @@ class RealtimeSession:
         where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
         text_kind = "response.output_audio_transcript.delta" if speak else "response.output_text.delta"
         try:
-            async for event in self.runner.stream(lambda: self.omni.stream(messages, **options), cancel):
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                    await self.send(ServerEvent.of(text_kind, delta=event.text, **where))
-                elif isinstance(event, AudioChunk) and event.audio.size:
-                    audio = event.audio if event.sample_rate == WIRE_RATE else resample(
-                        event.audio, event.sample_rate, WIRE_RATE)
-                    await self.send(ServerEvent.of("response.output_audio.delta", delta=float_to_pcm16(audio),
-                                                   **where))
-                elif isinstance(event, Done):
-                    usage = event.result.usage
+            async with contextlib.aclosing(self.runner.stream(lambda: self.omni.stream(messages, **options),
+                                                              cancel)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        text.append(event.text)
+                        await self.send(ServerEvent.of(text_kind, delta=event.text, **where))
+                    elif isinstance(event, AudioChunk) and event.audio.size:
+                        audio = event.audio if event.sample_rate == WIRE_RATE else resample(
+                            event.audio, event.sample_rate, WIRE_RATE)
+                        await self.send(ServerEvent.of("response.output_audio.delta", delta=float_to_pcm16(audio),
+                                                       **where))
+                    elif isinstance(event, Done):
+                        usage = event.result.usage
         except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad media, a model error: reported back
             status, failure = "failed", exc
             log.warning("realtime reply %s failed: %s", response_id, exc)
@@ -542,10 +618,20 @@ class RealtimeSession:
         await self.send(ServerEvent.of("response.done", response=response))
 
 
-def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str, Any] | None = None) -> APIRouter:
+def _authorized(websocket: WebSocket, offered: list[str], api_key: str) -> bool:
+    """`Authorization: Bearer KEY`, or (browsers cannot set headers) the subprotocol `openai-insecure-api-key.KEY`."""
+    header = websocket.headers.get("authorization", "")
+    given = [header[7:].strip()] if header[:7].lower() == "bearer " else []
+    given += [p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)]
+    return any(hmac.compare_digest(key.encode("utf-8", "replace"), api_key.encode("utf-8")) for key in given)
+
+
+def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str, Any] | None = None,
+                    api_key: str | None = None) -> APIRouter:
     """`WS /v1/realtime` and `GET /v1/realtime/voices` over `omni`. `runner` runs replies off the event loop (the
-    HTTP server's worker, or by default a thread per reply); `defaults` seed every session (SessionState fields,
-    e.g. {"max_output_tokens": 64, "talker_max_new_tokens": 24})."""
+    HTTP server's worker through WorkerStreamRunner, or by default a thread per reply); `defaults` seed every
+    session (SessionState fields, e.g. {"max_output_tokens": 64, "talker_max_new_tokens": 24}); with `api_key` the
+    socket is refused (close code 1008) without it."""
     runner = runner or ThreadStreamRunner()
     base = SessionState(voice=omni.default_voice if omni.voices else "", **(defaults or {}))
     router = APIRouter()
@@ -556,7 +642,11 @@ def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str
 
     @router.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket) -> None:
-        await websocket.accept()
+        offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        if api_key is not None and not _authorized(websocket, offered, api_key):
+            await websocket.close(code=1008, reason="missing or invalid API key")
+            return
+        await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
         await RealtimeSession(websocket, omni, runner, base).run()
 
     return router

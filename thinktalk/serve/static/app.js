@@ -27,7 +27,8 @@ function setStatus(text) { $("status").textContent = text; }
 function connect() {
   const url = new URL("/v1/realtime", location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(url);
+  const key = apiKey();  // from the page's address: /#key=...
+  const ws = new WebSocket(url, key ? ["realtime", `openai-insecure-api-key.${key}`] : ["realtime"]);
   page.ws = ws;
   ws.onopen = () => setStatus("connected");
   ws.onmessage = (message) => handle(JSON.parse(message.data));
@@ -36,6 +37,8 @@ function connect() {
     setStatus("disconnected — reload to reconnect");
   };
 }
+
+function apiKey() { return new URLSearchParams(location.hash.slice(1)).get("key"); }
 
 function send(event) {
   if (page.ws && page.ws.readyState === WebSocket.OPEN) page.ws.send(JSON.stringify(event));
@@ -57,7 +60,9 @@ function handle(event) {
     case "session.created":
       document.body.dataset.state = "ready";
       setStatus("ready");
-      loadVoices(event.session.audio.output.voice).then(() => send({ type: "session.update", session: sessionSettings() }));
+      loadVoices(event.session.audio.output.voice)
+        .then(() => send({ type: "session.update", session: sessionSettings() }))
+        .catch(reportError);
       break;
     case "session.updated":
       document.body.dataset.session = event.session.id;
@@ -110,7 +115,8 @@ function handle(event) {
 }
 
 async function loadVoices(current) {
-  const reply = await fetch("/v1/realtime/voices");
+  const key = apiKey();
+  const reply = await fetch("/v1/realtime/voices", key ? { headers: { Authorization: `Bearer ${key}` } } : {});
   const { voices } = await reply.json();
   const select = $("voice");
   select.replaceChildren(...voices.map((name) => new Option(name, name, false, name === current)));
@@ -409,7 +415,9 @@ function init() {
       pressTalk().catch(reportError);
     }
   });
-  document.addEventListener("keyup", (event) => { if (event.code === "Space" && event.target === document.body) releaseTalk(); });
+  document.addEventListener("keyup", (event) => {
+    if (event.code === "Space" && event.target === document.body) releaseTalk();
+  });
   $("mode").addEventListener("change", onModeChange);
   $("voice").addEventListener("change", () => send({ type: "session.update", session: sessionSettings() }));
   $("speak").addEventListener("change", () => send({ type: "session.update", session: sessionSettings() }));
