@@ -165,6 +165,16 @@ def test_page_text_file_and_push_to_talk_turns(page, tmp_path):
     assert page.evaluate("[...document.querySelectorAll('.msg.user .tag')].length") == 2
     assert not page.evaluate("document.querySelector('.msg.error')")
 
+    # 4. hands-free: server VAD on the fake microphone's beeps (about 80 ms loud every 0.5 s) finds turns and
+    # answers them; the page's silence setting is shortened below the gap between beeps
+    page.evaluate("VAD.silence_duration_ms = 250; document.getElementById('mode').value = 'vad';"
+                  "document.getElementById('mode').dispatchEvent(new Event('change'))")
+    page.evaluate("pressTalk()", await_promise=True)
+    page.wait_for("Number(document.body.dataset.speechStopped || 0) >= 1 && "
+                  "Number(document.body.dataset.responsesDone) >= 4", timeout=60)
+    page.evaluate("pressTalk()", await_promise=True)  # stop listening
+    assert page.evaluate("document.getElementById('talk').textContent") == "Start listening"
+
     shot = page.call("Page.captureScreenshot", format="png")["data"]
     path = tmp_path / "page.png"
     path.write_bytes(base64.b64decode(shot))

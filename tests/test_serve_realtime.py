@@ -106,8 +106,11 @@ def test_two_voice_turns_with_server_vad(client, omni):
             send_audio(ws, tone_turn(hz=300.0 + 200 * turn))
             events = receive_until(ws, "response.done")
             order = kinds(events)
-            assert order[:5] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-                                 "input_audio_buffer.committed", "conversation.item.created", "response.created"]
+            assert order[:7] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                                 "input_audio_buffer.committed", "conversation.item.created", "response.created",
+                                 "response.output_item.added", "response.content_part.added"]
+            assert order[-5:] == ["response.output_audio.done", "response.output_audio_transcript.done",
+                                  "response.content_part.done", "response.output_item.done", "response.done"]
             committed = events[2]
             assert committed["previous_item_id"] == previous  # the conversation grows across turns
             assert events[3]["item"]["role"] == "user" and events[3]["item"]["content"][0]["type"] == "input_audio"
@@ -139,6 +142,7 @@ def test_barge_in_cancels_the_reply(client):
         events = receive_until(ws, "response.done")
         assert "input_audio_buffer.speech_started" in kinds(events)
         assert events[-1]["response"]["status"] == "cancelled"
+        assert events[-1]["response"]["status_details"]["reason"] == "turn_detected"
         # the interrupted turn ends (silence) and is answered in full
         ws.send_text(json.dumps({"type": "session.update", "session": {"max_output_tokens": 4,
                                                                        "talker_max_new_tokens": 4}}))
@@ -186,6 +190,13 @@ def test_bad_events_get_errors_and_the_session_goes_on(client):
         ws.send_text(json.dumps({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}}))
         assert json.loads(ws.receive_text())["type"] == "conversation.item.created"
+        ws.send_text(json.dumps({"type": "conversation.item.create", "previous_item_id": "root", "item": {
+            "id": "first", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi."}]}}))
+        inserted = json.loads(ws.receive_text())
+        assert inserted["item"]["id"] == "first" and inserted["previous_item_id"] is None
+        ws.send_text(json.dumps({"type": "conversation.item.create", "event_id": "x11", "item": {
+            "id": "first", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi."}]}}))
+        assert json.loads(ws.receive_text())["error"]["event_id"] == "x11"  # ids are unique
         ws.send_text(json.dumps({"type": "response.create"}))
         ws.send_text(json.dumps({"type": "response.create", "event_id": "x7"}))  # one reply at a time
         events = receive_until(ws, "response.done")
@@ -308,7 +319,8 @@ def test_replies_on_the_http_servers_engine_worker(omni):
             ws.send_text(json.dumps({"type": "response.create"}))
             receive_until(ws, "response.created")
             ws.send_text(json.dumps({"type": "response.cancel"}))
-            assert receive_until(ws, "response.done")[-1]["response"]["status"] == "cancelled"
+            done = receive_until(ws, "response.done")[-1]["response"]
+            assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
             deadline = time.monotonic() + 30
             while worker.counts != (0, 0) and time.monotonic() < deadline:  # the worker closed the generator
                 time.sleep(0.05)

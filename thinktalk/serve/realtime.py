@@ -368,6 +368,7 @@ class RealtimeSession:
         self.speech_start: int | None = None
         self.reply: asyncio.Task | None = None
         self.cancel = Cancel()
+        self.cancel_reason = "client_cancelled"
         self.send_lock = asyncio.Lock()
         self.open = True
         self._configure_vad()
@@ -490,7 +491,7 @@ class RealtimeSession:
                                                audio_start_ms=self._ms(change.sample), item_id=new_id("item")))
                 td = self.state.turn_detection
                 if td is not None and td.interrupt_response and self.reply is not None and not self.reply.done():
-                    await self.stop_reply()
+                    await self.stop_reply("turn_detected")
             else:
                 started = self.speech_start if self.speech_start is not None else self.buffer_origin
                 await self.send(ServerEvent.of("input_audio_buffer.speech_stopped",
@@ -501,7 +502,7 @@ class RealtimeSession:
                 self.speech_start = None
                 td = self.state.turn_detection
                 if td is not None and td.create_response:
-                    await self.stop_reply()
+                    await self.stop_reply("turn_detected")
                     await self.start_reply(None, None)
 
     async def commit(self, end: int, start: int) -> None:
@@ -517,8 +518,14 @@ class RealtimeSession:
     # ---------------------------------------------------------------------------------------------- conversation
 
     async def add_item(self, item: MessageItem, previous_item_id: str | None) -> None:
-        if previous_item_id not in (None, "root") and all(i["id"] != previous_item_id for i in self.items):
+        """Appends the item, or inserts it after `previous_item_id` ("root": at the start)."""
+        ids = [i["id"] for i in self.items]
+        if previous_item_id not in (None, "root") and previous_item_id not in ids:
             raise ValueError(f"previous_item_id {previous_item_id!r} is not in the conversation")
+        if item.id is not None and item.id in ids:
+            raise ValueError(f"item id {item.id!r} is already in the conversation")
+        at = len(ids) if previous_item_id is None else 0 if previous_item_id == "root" else ids.index(
+            previous_item_id) + 1
         item = item.model_copy(update={"id": item.id or new_id("item")})
         parts: list[dict] = []
         for index, part in enumerate(item.content):
@@ -537,13 +544,14 @@ class RealtimeSession:
         # the conversation's later turns.
         await asyncio.to_thread(self.omni.prepare, [message])
         public = item.model_copy(update={"content": [p.model_copy(update={"audio": None}) for p in item.content]})
-        await self._remember(public, message)
+        await self._remember(public, message, at)
 
-    async def _remember(self, item: MessageItem, message: dict) -> None:
-        previous = self.items[-1]["id"] if self.items else None
-        self.items.append(item.model_dump(mode="json", exclude_none=True))
-        self.messages.append(message)
-        await self.send(ServerEvent.of("conversation.item.created", previous_item_id=previous, item=self.items[-1]))
+    async def _remember(self, item: MessageItem, message: dict, at: int | None = None) -> None:
+        at = len(self.items) if at is None else at
+        previous = self.items[at - 1]["id"] if at > 0 else None
+        self.items.insert(at, item.model_dump(mode="json", exclude_none=True))
+        self.messages.insert(at, message)
+        await self.send(ServerEvent.of("conversation.item.created", previous_item_id=previous, item=self.items[at]))
 
     def prompt(self, instructions: str | None) -> list[dict]:
         system = instructions if instructions is not None else self.state.instructions
@@ -555,10 +563,12 @@ class RealtimeSession:
         self.cancel = Cancel()
         self.reply = asyncio.create_task(self._reply(self.cancel, max_tokens, instructions))
 
-    async def stop_reply(self) -> None:
+    async def stop_reply(self, reason: str = "client_cancelled") -> None:
         """Cancel the active reply (if any) and wait until its response.done went out."""
         if self.reply is None:
             return
+        if not self.reply.done():
+            self.cancel_reason = reason
         self.cancel.set()
         reply, self.reply = self.reply, None
         await asyncio.wait([reply])
@@ -568,24 +578,30 @@ class RealtimeSession:
     async def _reply(self, cancel: Cancel, max_tokens: int | None, instructions: str | None) -> None:
         response_id, item_id = new_id("resp"), new_id("item")
         speak = "audio" in self.state.output_modalities and bool(self.omni.voices)
-        await self.send(ServerEvent.of("response.created", response={
-            "id": response_id, "object": "realtime.response", "status": "in_progress", "output": [],
-            "output_modalities": ["audio"] if speak else ["text"]}))
+        part_type, text_field = ("output_audio", "transcript") if speak else ("output_text", "text")
+        response = {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": [],
+                    "output_modalities": ["audio"] if speak else ["text"], "usage": None}
+        item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+        where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+        await self.send(ServerEvent.of("response.created", response=response))
+        await self.send(ServerEvent.of("response.output_item.added", response_id=response_id, output_index=0,
+                                       item=item))
+        await self.send(ServerEvent.of("response.content_part.added", part={"type": part_type, text_field: ""},
+                                       **where))
         options = dict(return_audio=speak, max_new_tokens=max_tokens or self.state.max_output_tokens,
                        seed=self.state.seed, audio_chunk_frames=self.state.audio_chunk_frames)
         if speak:
             options.update(voice=self.state.voice, talker={"max_new_tokens": self.state.talker_max_new_tokens})
         messages = self.prompt(instructions)
         text, status, usage, failure = [], "completed", None, None
-        where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
-        text_kind = "response.output_audio_transcript.delta" if speak else "response.output_text.delta"
+        text_kind = "response.output_audio_transcript" if speak else "response.output_text"
         try:
             async with contextlib.aclosing(self.runner.stream(lambda: self.omni.stream(messages, **options),
                                                               cancel)) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
                         text.append(event.text)
-                        await self.send(ServerEvent.of(text_kind, delta=event.text, **where))
+                        await self.send(ServerEvent.of(text_kind + ".delta", delta=event.text, **where))
                     elif isinstance(event, AudioChunk) and event.audio.size:
                         audio = event.audio if event.sample_rate == WIRE_RATE else resample(
                             event.audio, event.sample_rate, WIRE_RATE)
@@ -593,16 +609,19 @@ class RealtimeSession:
                                                        **where))
                     elif isinstance(event, Done):
                         usage = event.result.usage
-        except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad media, a model error: reported back
+        except SocketGone:
+            raise
+        except (ValueError, FileNotFoundError) as exc:  # bad input found by the model's side: the client's problem
             status, failure = "failed", exc
             log.warning("realtime reply %s failed: %s", response_id, exc)
+        except Exception as exc:  # a server-side failure: logged with its traceback and reported to the client
+            status, failure = "failed", exc
+            log.exception("realtime reply %s failed", response_id)
         if cancel.is_set() and status == "completed":
             status = "cancelled"
         reply_text = "".join(text)
-        part_type = "output_audio" if speak else "output_text"
-        content = {"type": part_type, ("transcript" if speak else "text"): reply_text}
-        item = {"id": item_id, "type": "message", "role": "assistant", "status": "completed" if status ==
-                "completed" else "incomplete", "content": [content]}
+        content = {"type": part_type, text_field: reply_text}
+        item.update(status="completed" if status == "completed" else "incomplete", content=[content])
         if reply_text:
             self.items.append(item)
             self.messages.append({"role": "assistant", "content": reply_text})
@@ -610,11 +629,17 @@ class RealtimeSession:
             return
         if failure is not None:
             await self.error(f"generation failed: {failure}", "generation_failed")
-        response = {"id": response_id, "object": "realtime.response", "status": status, "output": [item],
-                    "status_details": {"type": status, "reason": "turn_detected" if status == "cancelled" else None},
-                    "usage": None if usage is None else {"input_tokens": usage.prompt_tokens,
-                                                         "output_tokens": usage.completion_tokens,
-                                                         "total_tokens": usage.total_tokens}}
+        if speak:
+            await self.send(ServerEvent.of("response.output_audio.done", **where))
+        await self.send(ServerEvent.of(text_kind + ".done", **{text_field: reply_text}, **where))
+        await self.send(ServerEvent.of("response.content_part.done", part=content, **where))
+        await self.send(ServerEvent.of("response.output_item.done", response_id=response_id, output_index=0,
+                                       item=item))
+        reason = self.cancel_reason if status == "cancelled" else None
+        response.update(status=status, output=[item], status_details={"type": status, "reason": reason})
+        if usage is not None:
+            response["usage"] = {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
+                                 "total_tokens": usage.total_tokens}
         await self.send(ServerEvent.of("response.done", response=response))
 
 

@@ -70,12 +70,14 @@ function handle(event) {
     case "input_audio_buffer.speech_started":
       $("vad").classList.add("speaking");
       $("vad-label").textContent = "hearing you…";
+      count("speechStarted");
       stopPlayback();
       if (page.camera) sendFrame();
       break;
     case "input_audio_buffer.speech_stopped":
       $("vad").classList.remove("speaking");
       $("vad-label").textContent = "listening";
+      count("speechStopped");
       break;
     case "conversation.item.created":
       if (event.item.role === "user") showUserItem(event.item);
