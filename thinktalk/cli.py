@@ -93,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a checkpoint: variant, sizes, voices, memory needed")
     _add_model_options(info, required=False)
     info.set_defaults(handler=cmd_info)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (chat completions, transcriptions)")
+    _add_model_options(serve, required=False)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="default: the checkpoint folder's name")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="allow file:// media URLs under DIR")
+    serve.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (public hosts)")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 
@@ -275,6 +287,13 @@ def cmd_info(args) -> None:
     parameters = _parameter_count(cfg)
     print(f"parameters:  {parameters:,} ({parameters * 2 / 2**30:.1f} GiB in bfloat16, "
           f"{parameters * 4 / 2**30:.1f} GiB in float32, before KV cache)")
+
+
+def cmd_serve(args) -> None:
+    from .serve.app import run_server
+
+    run_server(args.model, args.host, args.port, args.device, args.served_model_name, args.api_key,
+               args.allowed_local_media_path, args.allow_remote_media, dtype=args.dtype)
 
 
 def _parameter_count(cfg) -> int:

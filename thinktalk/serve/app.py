@@ -1,0 +1,161 @@
+"""The OpenAI-compatible HTTP server: `create_app(omni, ...)` builds the FastAPI app, `run_server(...)` serves it.
+
+    POST /v1/chat/completions     text, image, audio, video in; text and speech out; SSE streaming; tools
+    POST /v1/audio/transcriptions multipart audio -> text (a chat request with Qwen's ASR instruction)
+    GET  /v1/models, GET /health, GET /openapi.json
+    WS   /v1/realtime and the web page at / (realtime.py), replies on the same engine worker
+One worker thread owns the model (see engine_worker.py). Every error is OpenAI's JSON error shape; tracebacks stay
+in the server's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..omni import Omni
+from .audio_out import supported_formats
+from .chat import build_messages, require_model, stream_settings
+from .completions import Reply, complete, job_events, prefetched, stream_chunks, submit
+from .engine_worker import EngineWorker
+from .errors import APIError, ErrorResponse
+from .guard import GuardMiddleware
+from .media import MediaPolicy
+from .realtime import WorkerStreamRunner, realtime_router, static_router
+from .schemas import ChatCompletion, ChatCompletionRequest, Health, ModelCard, ModelList, ServerLimits
+from .transcription import add_transcription_route
+
+log = logging.getLogger("thinktalk.serve")
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500)}
+
+
+@dataclass
+class ServerState:
+    omni: Omni
+    served_name: str
+    worker: EngineWorker
+    policy: MediaPolicy
+    audio_formats: tuple[str, ...]
+    created: int
+
+    @property
+    def limits(self) -> ServerLimits:
+        return self.policy.limits
+
+
+def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | None = None,
+               allowed_local_media_path: str | Path | None = None, allow_remote_media: bool = False,
+               limits: ServerLimits = ServerLimits()) -> FastAPI:
+    local = Path(allowed_local_media_path).expanduser().resolve(strict=True) if allowed_local_media_path else None
+    if local is not None and not local.is_dir():
+        raise NotADirectoryError(f"--allowed-local-media-path {local}: not a folder")
+    sample_rate = omni.cfg.code2wav.sample_rate if omni.model.talker is not None else 24000
+    state = ServerState(
+        omni=omni, served_name=served_model_name or omni.path.name,
+        worker=EngineWorker(limits.max_active, limits.max_queued, expected_errors=(ValueError,)),
+        policy=MediaPolicy(limits, local, allow_remote_media),
+        audio_formats=supported_formats(sample_rate), created=int(time.time()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state.worker.start()
+        log.info("serving %s (%s)", state.served_name, omni.path)
+        yield
+        state.worker.stop()  # in-flight generators are closed; waiting requests get 503
+
+    app = FastAPI(title="thinktalk", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible server for Qwen3-Omni models (thinktalk)")
+    app.state.server = state
+    _add_error_handlers(app)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        active, queued = state.worker.counts
+        return Health(model=state.served_name, active_requests=active, queued_requests=queued)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=state.served_name, created=state.created)])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def model(model_id: str) -> ModelCard:
+        require_model(model_id, state.served_name)
+        return ModelCard(id=state.served_name, created=state.created)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        require_model(body.model, state.served_name)
+        settings = stream_settings(body, omni.voices, omni.model.talker is not None, state.audio_formats,
+                                   state.limits)
+        with tempfile.TemporaryDirectory(prefix="thinktalk-media-") as scratch:
+            messages = await run_in_threadpool(build_messages, body, state.policy, Path(scratch))
+            job = submit(state.worker, omni, messages, settings, state.limits)
+            events = await prefetched(job_events(job, request))  # the prompt is prepared: scratch may go
+        reply = Reply(settings, sample_rate)
+        if not body.stream:
+            return await complete(events, reply, state.served_name)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream_chunks(events, reply, state.served_name, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    add_transcription_route(app, state, ERROR_RESPONSES)
+    app.include_router(realtime_router(omni, runner=WorkerStreamRunner(state.worker), api_key=api_key))
+    app.include_router(static_router())
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = error.errors()
+        first = problems[0] if problems else {"loc": (), "msg": "invalid request", "type": "invalid"}
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message, code = "the request body is not valid JSON", "invalid_json"
+        else:
+            message, code = f"{param or 'request'}: {first.get('msg', 'invalid value')}", "invalid_request"
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        return APIError(400, (message + more)[:2000], param=param, code=code).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return APIError(error.status_code, str(error.detail)[:500], code=codes.get(error.status_code),
+                        headers=dict(error.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
+        log.error("unhandled error: %r", error, exc_info=error)
+        return APIError(500, "internal server error", code="internal_error").response()
+
+
+def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+               served_model_name: str | None = None, api_key: str | None = None,
+               allowed_local_media_path: str | None = None, allow_remote_media: bool = False,
+               dtype: str | None = None, limits: ServerLimits = ServerLimits()) -> None:
+    """Loads the model (default: the built-in demo checkpoint) and serves it until SIGINT / SIGTERM."""
+    import uvicorn
+
+    from ..demo import ensure_demo_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    omni = Omni.from_pretrained(model if model is not None else ensure_demo_checkpoint(), device=device, dtype=dtype)
+    app = create_app(omni, served_model_name, api_key, allowed_local_media_path, allow_remote_media, limits)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=10)

@@ -1,0 +1,228 @@
+"""Running one chat request on the engine worker and turning its events into OpenAI replies (whole, or SSE chunks).
+
+The worker hands over TextDelta, AudioChunk and Done events (and, when stop strings were given, the prompt's
+size first, since a reply cut at a stop string never reaches Done). A client that goes away cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from fastapi import Request
+
+from ..engine.pipeline import AudioChunk, TextDelta
+from ..omni import Done, GenerationResult, Omni
+from . import audio_out
+from .chat import TOOL_CALL_MARKER, StreamSettings, TextGate, openai_tool_calls
+from .engine_worker import EngineWorker, Failed, Finished, Job, QueueFull, WorkerStopped
+from .errors import APIError, ErrorBody, ErrorResponse
+from .schemas import (ChatCompletion, Choice, CompletionTokensDetails, ReplyAudio, ReplyMessage, ServerLimits,
+                      UsageModel)
+
+AUDIO_EXPIRY_SECONDS = 3600
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class PromptSize:
+    tokens: int
+
+
+def _events(omni: Omni, messages: list, settings: StreamSettings) -> Iterator:
+    """Runs on the worker thread (the factory's generator)."""
+    kwargs = settings.stream_kwargs
+    if settings.stops:
+        yield PromptSize(len(omni.encode_prompt(messages, kwargs["use_audio_in_video"], kwargs.get("tools"))))
+    stream = omni.stream(messages, **kwargs)
+    try:
+        yield from stream
+    finally:
+        stream.close()
+
+
+def submit(worker: EngineWorker, omni: Omni, messages: list, settings: StreamSettings,
+           limits: ServerLimits) -> Job:
+    factory: Callable[[], Iterator] = lambda: _events(omni, messages, settings)  # noqa: E731
+    try:
+        return worker.submit(factory, asyncio.get_running_loop())
+    except QueueFull:
+        raise APIError(429, "the server is busy: too many requests are running or queued; retry shortly",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(limits.retry_after_seconds)}) from None
+    except WorkerStopped:
+        raise APIError(503, "the server is shutting down", code="server_shutting_down") from None
+
+
+def failure(error: BaseException) -> APIError:
+    if isinstance(error, ValueError):
+        return APIError(400, str(error)[:2000], code="invalid_request")
+    if isinstance(error, WorkerStopped):
+        return APIError(503, "the server is shutting down", code="server_shutting_down")
+    return APIError(500, "the engine failed while answering this request", code="internal_error")
+
+
+async def job_events(job: Job, request: Request) -> AsyncIterator:
+    """The job's events until it ends; Failed becomes an APIError; a client disconnect cancels the job."""
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if isinstance(item, Finished):
+                return
+            if isinstance(item, Failed):
+                raise failure(item.error)
+            yield item
+    finally:
+        job.cancel()
+
+
+@dataclass
+class Reply:
+    """What the reply has produced so far."""
+
+    settings: StreamSettings
+    sample_rate: int
+    id: str = field(default_factory=lambda: f"chatcmpl-{secrets.token_hex(12)}")
+    audio_id: str = field(default_factory=lambda: f"audio_{secrets.token_hex(12)}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    gate: TextGate = field(init=False)
+    audio: list[np.ndarray] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    result: GenerationResult | None = None
+
+    def __post_init__(self):
+        markers = (TOOL_CALL_MARKER,) if self.settings.tools_offered else ()
+        self.gate = TextGate(self.settings.stops, markers)
+
+    @property
+    def finish_reason(self) -> str:
+        if self.result is not None and self.result.tool_calls and not self.gate.stopped:
+            return "tool_calls"
+        if self.gate.stopped or self.result is None:
+            return "stop"
+        return self.result.finish_reason
+
+    def usage(self) -> UsageModel:
+        prompt = self.result.usage.prompt_tokens if self.result else self.prompt_tokens
+        completion = self.result.usage.completion_tokens if self.result else self.completion_tokens
+        frames = 0
+        if self.result is not None and self.result.codes is not None:
+            frames = int(self.result.codes.shape[1])
+        details = CompletionTokensDetails(audio_tokens=frames, text_tokens=completion)
+        return UsageModel(prompt_tokens=prompt, completion_tokens=completion + frames,
+                          total_tokens=prompt + completion + frames, completion_tokens_details=details)
+
+    def waveform(self) -> np.ndarray:
+        return np.concatenate(self.audio) if self.audio else np.zeros(0, dtype=np.float32)
+
+
+def _count(reply: Reply, event) -> None:
+    if isinstance(event, PromptSize):
+        reply.prompt_tokens = event.tokens
+    elif isinstance(event, TextDelta):
+        reply.completion_tokens += len(event.token_ids)
+    elif isinstance(event, Done):
+        reply.result = event.result
+
+
+async def prefetched(events: AsyncIterator) -> AsyncIterator:
+    """The same events, the first one awaited now (so that an input error is reported before any reply)."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        return _replay([], events)
+    return _replay([first], events)
+
+
+async def _replay(head: list, events: AsyncIterator) -> AsyncIterator:
+    for item in head:
+        yield item
+    async for item in events:
+        yield item
+
+
+async def complete(events: AsyncIterator, reply: Reply, served_name: str) -> ChatCompletion:
+    async for event in events:
+        _count(reply, event)
+        if isinstance(event, TextDelta):
+            reply.gate.push(event.text)
+            if reply.gate.stopped:
+                break
+        elif isinstance(event, AudioChunk):
+            reply.audio.append(event.audio)
+    content = reply.gate.text + reply.gate.flush()
+    tool_calls = None
+    if reply.finish_reason == "tool_calls":
+        content, tool_calls = reply.result.text or None, openai_tool_calls(reply.result.tool_calls)
+    elif reply.gate.holding:
+        content = reply.result.text if reply.result else reply.gate.text + reply.gate.pending
+    audio = None
+    if reply.settings.want_audio:
+        data = audio_out.encode(reply.waveform(), reply.sample_rate, reply.settings.audio_format)
+        audio = ReplyAudio(id=reply.audio_id, data=base64.b64encode(data).decode(), transcript=content or "",
+                           expires_at=reply.created + AUDIO_EXPIRY_SECONDS)
+    message = ReplyMessage(content=content, audio=audio, tool_calls=tool_calls)
+    return ChatCompletion(id=reply.id, created=reply.created, model=served_name, usage=reply.usage(),
+                          choices=[Choice(message=message, finish_reason=reply.finish_reason)])
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def stream_chunks(events: AsyncIterator, reply: Reply, served_name: str,
+                        include_usage: bool) -> AsyncIterator[str]:
+    """SSE lines: a role chunk, content and audio deltas as they come, the finish chunk, usage, [DONE]."""
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return _sse({"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
+                     "model": served_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                        "logprobs": None}]})
+
+    yield chunk({"role": "assistant", "content": ""})
+    wav_header = reply.settings.want_audio and reply.settings.audio_format == "wav"
+    try:
+        async for event in events:
+            _count(reply, event)
+            if isinstance(event, TextDelta):
+                text = reply.gate.push(event.text)
+                if text:
+                    yield chunk({"content": text})
+                if reply.gate.stopped:
+                    break
+            elif isinstance(event, AudioChunk):
+                data = audio_out.to_pcm16(event.audio)
+                if wav_header:
+                    data, wav_header = audio_out.streaming_wav_header(reply.sample_rate) + data, False
+                reply.audio.append(event.audio)
+                yield chunk({"audio": {"id": reply.audio_id, "data": base64.b64encode(data).decode()}})
+    except APIError as error:
+        yield _sse(ErrorResponse(error=ErrorBody(**error.body()["error"])).model_dump())
+        return
+    tail = reply.gate.flush()
+    if tail:
+        yield chunk({"content": tail})
+    if reply.finish_reason == "tool_calls":
+        calls = [dict(call.model_dump(), index=i) for i, call in enumerate(openai_tool_calls(reply.result.tool_calls))]
+        yield chunk({"tool_calls": calls})
+    elif reply.gate.holding and reply.gate.pending:
+        yield chunk({"content": reply.gate.pending})
+    if reply.settings.want_audio:
+        yield chunk({"audio": {"id": reply.audio_id, "expires_at": reply.created + AUDIO_EXPIRY_SECONDS,
+                               "transcript": reply.gate.text}})
+    yield chunk({}, reply.finish_reason)
+    if include_usage:
+        yield _sse({"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
+                    "model": served_name, "choices": [], "usage": reply.usage().model_dump()})
+    yield "data: [DONE]\n\n"
