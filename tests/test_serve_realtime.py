@@ -20,7 +20,8 @@ from thinktalk import Omni  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 from thinktalk.serve.realtime import WorkerStreamRunner, float_to_pcm16, realtime_router  # noqa: E402
-from thinktalk.serve.vad import EnergyVad, SpeechStarted, SpeechStopped, VadSettings  # noqa: E402
+from thinktalk.serve.vad import (EnergyVad, InputBuffer, SpeechStarted, SpeechStopped, TurnEnded,  # noqa: E402
+                                  TurnStarted, VadSettings)
 
 RATE = 24_000
 VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 100, "silence_duration_ms": 200}
@@ -84,6 +85,24 @@ def test_energy_vad_finds_the_tone_with_its_edges():
         VadSettings(threshold=1.5)
 
 
+def test_input_buffer_cuts_turns_with_prefix_padding_and_forgets_cleared_speech():
+    buffer = InputBuffer(RATE)
+    buffer.detect(VadSettings(0.5, 100, 200))
+    audio = tone_turn(seconds=0.6, lead=0.3, tail=0.5)
+    turns = [t for start in range(0, len(audio), 2400) for t in buffer.append(audio[start:start + 2400])]
+    assert [type(t) for t in turns] == [TurnStarted, TurnEnded]
+    assert 300 <= turns[0].ms <= 400 and 800 <= turns[1].ms <= 900
+    assert abs(len(turns[1].audio) / RATE - (turns[1].ms - turns[0].ms + 100) / 1000) < 0.03
+    assert len(buffer.audio) < len(audio) - len(turns[1].audio)  # the turn and what came before it are gone
+    # speech, then a clear: the silence after it ends no turn
+    loud = tone_turn(seconds=0.6, lead=0.0, tail=0.0)
+    assert [type(t) for t in buffer.append(loud)] == [TurnStarted]
+    assert len(buffer.take()) >= len(loud)
+    assert buffer.append(np.zeros(RATE, np.float32)) == []
+    buffer.detect(None)
+    assert buffer.append(loud) == [] and len(buffer.audio) == RATE + len(loud)  # kept until a commit or clear
+
+
 def test_voices_endpoint(client, omni):
     body = client.get("/v1/realtime/voices").json()
     assert body["voices"] == omni.voices and body["default"] == omni.default_voice
@@ -112,6 +131,7 @@ def test_two_voice_turns_with_server_vad(client, omni):
             assert order[-5:] == ["response.output_audio.done", "response.output_audio_transcript.done",
                                   "response.content_part.done", "response.output_item.done", "response.done"]
             committed = events[2]
+            assert events[0]["item_id"] == events[1]["item_id"] == committed["item_id"] == events[3]["item"]["id"]
             assert committed["previous_item_id"] == previous  # the conversation grows across turns
             assert events[3]["item"]["role"] == "user" and events[3]["item"]["content"][0]["type"] == "input_audio"
             audio = [e for e in events if e["type"] == "response.output_audio.delta"]

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ..engine.pipeline import AudioChunk, TextDelta
 from ..omni import Done
 from ..processing.audio import resample
-from .vad import EnergyVad, Segment, SpeechStarted, VadSettings
+from .vad import InputBuffer, TurnStarted, VadSettings
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -362,10 +362,8 @@ class RealtimeSession:
         self.state = defaults.model_copy(update={"id": new_id("sess")})
         self.items: list[dict] = []  # conversation items as the client sees them (OpenAI format)
         self.messages: list[dict] = []  # the same, as Omni messages
-        self.buffer = np.zeros(0, dtype=np.float32)  # uncommitted input audio at 24 kHz
-        self.buffer_origin = 0  # session sample index of buffer[0]
-        self.vad: EnergyVad | None = None
-        self.speech_start: int | None = None
+        self.input = InputBuffer(WIRE_RATE)  # uncommitted input audio, and server VAD's turns
+        self.turn_item = new_id("item")  # the id the next committed audio item gets
         self.reply: asyncio.Task | None = None
         self.cancel = Cancel()
         self.cancel_reason = "client_cancelled"
@@ -439,12 +437,12 @@ class RealtimeSession:
         elif isinstance(event, InputAudioAppend):
             await self.append_audio(event.audio)
         elif isinstance(event, InputAudioCommit):
-            if len(self.buffer) < WIRE_RATE * MIN_COMMIT_MS // 1000:
-                raise ValueError(f"the input audio buffer holds {1000 * len(self.buffer) // WIRE_RATE} ms; "
+            if len(self.input.audio) < WIRE_RATE * MIN_COMMIT_MS // 1000:
+                raise ValueError(f"the input audio buffer holds {self.input.ms(len(self.input.audio))} ms; "
                                  f"at least {MIN_COMMIT_MS} ms are needed to commit")
-            await self.commit(len(self.buffer), 0)
+            await self.commit(self.input.take())
         elif isinstance(event, InputAudioClear):
-            self._drop_buffer(len(self.buffer))
+            self.input.take()
             await self.send(ServerEvent.of("input_audio_buffer.cleared"))
         elif isinstance(event, ConversationItemCreate):
             await self.add_item(event.item, event.previous_item_id)
@@ -462,58 +460,39 @@ class RealtimeSession:
 
     def _configure_vad(self) -> None:
         td = self.state.turn_detection
-        settings = None if td is None else VadSettings(td.threshold, td.prefix_padding_ms, td.silence_duration_ms)
-        if self.vad is None or settings is None or self.vad.settings != settings:
-            self.vad = None if settings is None else EnergyVad(settings, WIRE_RATE)
-            if self.vad is not None:
-                self.vad.position = self.buffer_origin + len(self.buffer)
-            self.speech_start = None
-
-    def _drop_buffer(self, samples: int) -> None:
-        self.buffer = self.buffer[samples:]
-        self.buffer_origin += samples
-
-    def _ms(self, sample: int) -> int:
-        return sample * 1000 // WIRE_RATE
+        self.input.detect(None if td is None else VadSettings(td.threshold, td.prefix_padding_ms,
+                                                              td.silence_duration_ms))
 
     async def append_audio(self, data: str) -> None:
         try:
             samples = pcm16_to_float(data)
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"audio is not base64 PCM16: {exc}") from exc
-        self.buffer = np.concatenate([self.buffer, samples])
-        if self.vad is None:
-            return
-        for change in self.vad.feed(samples):
-            if isinstance(change, SpeechStarted):
-                self.speech_start = change.sample
-                await self.send(ServerEvent.of("input_audio_buffer.speech_started",
-                                               audio_start_ms=self._ms(change.sample), item_id=new_id("item")))
-                td = self.state.turn_detection
+        for turn in self.input.append(samples):
+            td = self.state.turn_detection
+            if isinstance(turn, TurnStarted):
+                await self.send(ServerEvent.of("input_audio_buffer.speech_started", audio_start_ms=turn.ms,
+                                               item_id=self.turn_item))
                 if td is not None and td.interrupt_response and self.reply is not None and not self.reply.done():
                     await self.stop_reply("turn_detected")
-            else:
-                started = self.speech_start if self.speech_start is not None else self.buffer_origin
-                await self.send(ServerEvent.of("input_audio_buffer.speech_stopped",
-                                               audio_end_ms=self._ms(change.sample), item_id=new_id("item")))
-                segment = Segment.around(started, change.sample, self.vad.settings, WIRE_RATE)
-                start = max(0, segment.start - self.buffer_origin)
-                await self.commit(segment.end - self.buffer_origin, start)
-                self.speech_start = None
-                td = self.state.turn_detection
-                if td is not None and td.create_response:
-                    await self.stop_reply("turn_detected")
-                    await self.start_reply(None, None)
+                continue
+            await self.send(ServerEvent.of("input_audio_buffer.speech_stopped", audio_end_ms=turn.ms,
+                                           item_id=self.turn_item))
+            if turn.audio.size == 0:  # the turn's audio was already committed or cleared by the client
+                continue
+            await self.commit(turn.audio)
+            if td is not None and td.create_response:
+                await self.stop_reply("turn_detected")
+                await self.start_reply(None, None)
 
-    async def commit(self, end: int, start: int) -> None:
-        audio = self.buffer[start:end]
-        self._drop_buffer(end)
-        item = MessageItem(id=new_id("item"), role="user", content=[{"type": "input_audio", "transcript": None}])
+    async def commit(self, audio: np.ndarray) -> None:
+        item = MessageItem(id=self.turn_item, role="user", content=[{"type": "input_audio", "transcript": None}])
+        self.turn_item = new_id("item")
         await self.send(ServerEvent.of("input_audio_buffer.committed", item_id=item.id,
                                        previous_item_id=self.items[-1]["id"] if self.items else None))
-        model_audio = resample(audio, WIRE_RATE, self.omni.media.audio.sampling_rate)
+        rate = self.omni.media.audio.sampling_rate
         await self._remember(item, {"role": "user", "content": [
-            {"type": "audio", "audio": (model_audio, self.omni.media.audio.sampling_rate)}]})
+            {"type": "audio", "audio": (resample(audio, WIRE_RATE, rate), rate)}]})
 
     # ---------------------------------------------------------------------------------------------- conversation
 

@@ -7,8 +7,8 @@ The audio is cut into 20 ms frames; a frame is "loud" when its RMS level, in dB 
 so `threshold` keeps the meaning of OpenAI's setting (higher = less sensitive) without a neural model. Speech starts
 at the first loud frame after silence and stops once `silence_duration_ms` of consecutive quiet frames have passed;
 the stop is reported at the end of the last loud frame. `prefix_padding_ms` is how much audio before the start the
-caller keeps when it commits the turn (see `Segment`). A noise floor is not estimated: in a noisy room raise the
-threshold.
+caller keeps when it commits the turn. A noise floor is not estimated: in a noisy room raise the
+threshold. `InputBuffer` keeps the socket's uncommitted audio and cuts the turns the detector finds out of it.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ class EnergyVad:
         self.silence_frames = max(1, -(-settings.silence_duration_ms // FRAME_MS))
         self.reset()
 
-    def reset(self) -> None:
-        self.position = 0  # samples consumed into whole frames
+    def reset(self, position: int = 0) -> None:
+        """Forget any speech in progress; the next sample fed is sample `position`."""
+        self.position = position  # samples consumed into whole frames
         self.pending = np.zeros(0, dtype=np.float32)
         self.speaking = False
         self.last_loud_end = 0
@@ -91,13 +92,68 @@ class EnergyVad:
 
 
 @dataclass(frozen=True)
-class Segment:
-    """The part of the input buffer a VAD turn commits: from `prefix_padding_ms` before the start to the stop."""
+class TurnStarted:
+    ms: int  # session time of the start
 
-    start: int
-    end: int
 
-    @classmethod
-    def around(cls, started: int, stopped: int, settings: VadSettings, sample_rate: int) -> "Segment":
-        pad = settings.prefix_padding_ms * sample_rate // 1000
-        return cls(max(0, started - pad), stopped)
+@dataclass(frozen=True)
+class TurnEnded:
+    ms: int  # session time of the stop
+    audio: np.ndarray  # the turn, from `prefix_padding_ms` before its start to its stop (empty if already taken)
+
+
+class InputBuffer:
+    """The input audio not yet committed, on the session's clock (samples since the socket opened); with VAD settings
+    it also finds turns: each stop hands over the turn's audio and drops everything up to the stop."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+        self.audio = np.zeros(0, dtype=np.float32)
+        self.origin = 0  # session sample index of audio[0]
+        self.vad: EnergyVad | None = None
+        self.speech_start: int | None = None
+
+    def detect(self, settings: VadSettings | None) -> None:
+        """Turns detection on (or re-tunes it) or off; the same settings keep a turn in progress."""
+        if settings is None:
+            self.vad = None
+        elif self.vad is None or self.vad.settings != settings:
+            self.vad = EnergyVad(settings, self.sample_rate)
+            self._restart()
+
+    def ms(self, sample: int) -> int:
+        return sample * 1000 // self.sample_rate
+
+    def append(self, samples: np.ndarray) -> list[TurnStarted | TurnEnded]:
+        self.audio = np.concatenate([self.audio, np.asarray(samples, dtype=np.float32)])
+        if self.vad is None:
+            return []
+        turns: list[TurnStarted | TurnEnded] = []
+        for change in self.vad.feed(samples):
+            if isinstance(change, SpeechStarted):
+                self.speech_start = change.sample
+                turns.append(TurnStarted(self.ms(change.sample)))
+                continue
+            started = self.speech_start if self.speech_start is not None else self.origin
+            pad = self.vad.settings.prefix_padding_ms * self.sample_rate // 1000
+            first, end = max(started - pad, self.origin) - self.origin, max(change.sample - self.origin, 0)
+            turns.append(TurnEnded(self.ms(change.sample), self.audio[first:end].copy()))
+            self._drop(end)
+            self.speech_start = None
+        return turns
+
+    def take(self) -> np.ndarray:
+        """All of the buffer (a manual commit or a clear); a turn in progress starts over."""
+        audio = self.audio
+        self._drop(len(audio))
+        self._restart()
+        return audio
+
+    def _drop(self, samples: int) -> None:
+        self.audio = self.audio[samples:]
+        self.origin += samples
+
+    def _restart(self) -> None:
+        self.speech_start = None
+        if self.vad is not None:
+            self.vad.reset(self.origin + len(self.audio))
