@@ -1,6 +1,7 @@
 """The fast decode paths compute what the plain eager paths compute.
 
 - The MoE's sync-free gathered path (used inside a compiled step) equals the CPU block path.
+- The sampler's blocked CPU argmax picks the same index as argmax, ties and NaN included.
 - A compiled decode step (ThinkerRunner(compile=True)) gives the eager step's logits, step after step, and a second
   runner of the same shape, which reuses the compiled graph, reads and writes its own cache.
 
@@ -17,6 +18,7 @@ import torch
 
 from checkpoints import strengthen_, tiny_config_dict
 from thinktalk.config import parse_config
+from thinktalk.engine.sampler import first_argmax
 from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs
 from thinktalk.layers.moe import SparseMoe, experts_gathered
 from thinktalk.models.thinker import Thinker
@@ -48,6 +50,19 @@ def test_gathered_experts_equal_block_path(thinker, tokens):
         gathered = experts_gathered(x, weights, experts, moe.experts.gate_up_proj, moe.experts.down_proj)
     assert block.abs().max() > 0.1, "experts too weak for a meaningful comparison"
     torch.testing.assert_close(gathered, block, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch, vocab", [(1, 16384), (8, 16384), (3, 152064), (2, 1000)])
+def test_first_argmax_equals_argmax(batch, vocab):
+    gen = torch.Generator().manual_seed(vocab + batch)
+    logits = torch.randn(batch, vocab, generator=gen)
+    if batch > 1:
+        logits[1] = torch.randint(0, 3, (vocab,), generator=gen).float()  # ties everywhere: the first one wins
+    if batch > 2:
+        logits[2, 5000], logits[2, 7000] = float("nan"), float("nan")  # argmax takes the first NaN
+    logits[0, vocab // 2] = 10.0  # a clear winner inside a block
+    assert torch.equal(first_argmax(logits), logits.argmax(dim=-1))
+    assert torch.equal(first_argmax(torch.full((batch, vocab), float("-inf"))), torch.zeros(batch, dtype=torch.long))
 
 
 @pytest.mark.skipif(not HAS_CXX, reason="torch.compile on the CPU needs a C++ compiler")

@@ -12,6 +12,27 @@ import torch
 from ..config import SamplingConfig
 
 
+ARGMAX_BLOCK = 128  # vocabularies are padded to multiples of 128 (16384 in the bench, 152064 in the released thinker)
+BLOCKED_ARGMAX_FROM = 32768  # logits per call; below this the plain argmax wins (measured crossover)
+
+
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits (batch, vocab) -> (batch,) index of the largest logit, the first one on ties (as argmax).
+
+    torch's CPU argmax is a scalar loop, about 1 ns per logit (0.15 ms for 8 x 16384, 1.3 ms for 8 x 152064)
+    while max is vectorised. So on the CPU: max of each block of 128 logits, argmax over the block maxima, then
+    argmax within the winning block: the first block holding the maximum, then its first maximum, i.e. the same
+    index (NaN included: both treat it as the largest). 3-7x faster from 8 x 16384 logits up.
+    """
+    batch, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % ARGMAX_BLOCK or batch * vocab < BLOCKED_ARGMAX_FROM:
+        return logits.argmax(dim=-1)
+    blocks = logits.reshape(batch, vocab // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)  # (batch,)
+    rows = torch.arange(batch, device=logits.device)
+    return best_block * ARGMAX_BLOCK + blocks[rows, best_block].argmax(dim=-1)
+
+
 class Sampler:
     def __init__(self, params: SamplingConfig, batch: int, vocab: int, device: torch.device,
                  seed: int | None = None, suppress_ids: torch.Tensor | None = None):
@@ -39,7 +60,7 @@ class Sampler:
             penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
             logits = torch.where(self.seen, penalised, logits)
         if not self.params.do_sample:
-            tokens = logits.argmax(dim=-1)
+            tokens = first_argmax(logits)
         else:
             tokens = self._draw(logits)
         self.observe(tokens.unsqueeze(1))
