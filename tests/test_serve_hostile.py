@@ -111,7 +111,7 @@ def chat(*parts, **extra) -> dict:
     return dict({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2}, **extra)
 
 
-FUZZ_EXAMPLES = 25
+FUZZ_EXAMPLES = 40
 PNG_URL = "data:image/png;base64," + b64(_png_bytes())
 
 # name -> (JSON body, or raw bytes with a content type), expected status
@@ -269,6 +269,8 @@ def test_fuzz_openapi_no_server_errors(server):
         @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
                   derandomize=True, database=None)
         def call(case):
+            if isinstance(case.body, dict) and "model" in case.body:
+                case.body["model"] = MODEL  # past the model check, into the request's handling
             response = case.call(headers=AUTH, timeout=60)
             assert response.status_code < 500, (case.path, case.body, response.text[:300])
 

@@ -267,13 +267,25 @@ def test_concurrent_streams_interleave(client):
     assert a[0] < b[-1] and b[0] < a[-1]  # both made progress before either finished
 
 
+def wait_idle(server: str, seconds: float = 20) -> int:
+    deadline = time.monotonic() + seconds
+    while (active := httpx.get(server + "/health").json()["active_requests"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return active
+
+
+def test_client_leaving_a_plain_request_frees_the_worker(server):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/chat/completions", timeout=1.0, json={
+            "model": MODEL, "messages": user("Go on"), "max_tokens": 4000, "modalities": ["text", "audio"],
+            "audio": {"max_seconds": 300}})
+    assert wait_idle(server) == 0
+
+
 def test_cancelled_stream_frees_the_worker(client, server):
     with httpx.stream("POST", server + "/v1/chat/completions", timeout=60, json={
             "model": MODEL, "messages": user("Go on and on"), "max_tokens": 200, "stream": True,
             "modalities": ["text", "audio"], "audio": {"format": "pcm16", "max_seconds": 30}}) as response:
         for _ in zip(range(3), response.iter_lines()):
             pass
-    deadline = time.monotonic() + 20
-    while httpx.get(server + "/health").json()["active_requests"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert httpx.get(server + "/health").json()["active_requests"] == 0
+    assert wait_idle(server) == 0

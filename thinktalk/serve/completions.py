@@ -68,14 +68,21 @@ def failure(error: BaseException) -> APIError:
 
 
 async def job_events(job: Job, request: Request) -> AsyncIterator:
-    """The job's events until it ends; Failed becomes an APIError; a client disconnect cancels the job."""
+    """The job's events until it ends; Failed becomes an APIError. The client's connection is checked every
+    DISCONNECT_POLL_SECONDS (events flowing or not): a client that went away cancels the job."""
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         while True:
             try:
                 item = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
             except asyncio.TimeoutError:
+                item = None  # nothing yet: time to look at the connection
+            if loop.time() - checked >= DISCONNECT_POLL_SECONDS:
+                checked = loop.time()
                 if await request.is_disconnected():
                     return
+            if item is None:
                 continue
             if isinstance(item, Finished):
                 return
