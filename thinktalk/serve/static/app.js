@@ -14,7 +14,7 @@ registerProcessor("thinktalk-tap", Tap);`;
 const $ = (id) => document.getElementById(id);
 const page = {
   ws: null, reply: null, replyActive: false, attachments: [],
-  mic: { ctx: null, stream: null, resampler: null, pending: [], pendingLength: 0, sending: false },
+  mic: { ctx: null, stream: null, resampler: null, pending: [], pendingLength: 0, sending: false, captured: 0 },
   player: { ctx: null, next: 0, sources: new Set() },
   camera: null,
 };
@@ -163,7 +163,7 @@ function showUserItem(item) {
 function playerContext() {
   const player = page.player;
   if (!player.ctx) player.ctx = new AudioContext({ sampleRate: WIRE_RATE });
-  if (player.ctx.state === "suspended") player.ctx.resume();
+  if (player.ctx.state === "suspended") player.ctx.resume().catch(reportError);
   return player.ctx;
 }
 
@@ -240,6 +240,7 @@ async function startMic() {
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
   });
   mic.ctx = new AudioContext();
+  if (mic.ctx.state === "suspended") mic.ctx.resume().catch(reportError);  // never awaited: may wait for a device
   const module = URL.createObjectURL(new Blob([TAP], { type: "text/javascript" }));
   await mic.ctx.audioWorklet.addModule(module);
   const tap = new AudioWorkletNode(mic.ctx, "thinktalk-tap");
@@ -272,10 +273,12 @@ function flushMic() {
   for (const part of mic.pending) { all.set(part, offset); offset += part.length; }
   mic.pending = [];
   mic.pendingLength = 0;
+  mic.captured += all.length;
   send({ type: "input_audio_buffer.append", audio: floatToPcm16(all) });
 }
 
 async function pressTalk() {
+  playerContext();
   if ($("mode").value === "vad") return toggleHandsFree();
   await startMic();
   if (page.mic.sending) return;
@@ -283,6 +286,7 @@ async function pressTalk() {
   if (page.replyActive) send({ type: "response.cancel" });
   send({ type: "input_audio_buffer.clear" });
   if (page.camera) sendFrame();
+  page.mic.captured = 0;
   page.mic.sending = true;
   $("talk").classList.add("active");
 }
@@ -292,6 +296,12 @@ function releaseTalk() {
   flushMic();
   page.mic.sending = false;
   $("talk").classList.remove("active");
+  if (page.mic.captured < APPEND_SAMPLES) {  // the server needs 100 ms; a tap of the button records nothing
+    addMessage("note", page.mic.ctx.state === "running" ? "Hold the button while you speak."
+      : `No sound from the microphone (audio is ${page.mic.ctx.state}).`);
+    send({ type: "input_audio_buffer.clear" });
+    return;
+  }
   send({ type: "input_audio_buffer.commit" });
   send({ type: "response.create" });
 }
@@ -378,6 +388,7 @@ async function filePart(file) {
 
 async function sendChat(submit) {
   submit.preventDefault();
+  playerContext();  // created while the click still counts as a user gesture, so the reply's audio may start
   const text = $("text").value.trim();
   const files = [...$("files").files];
   if (!text && files.length === 0) return;
@@ -395,7 +406,6 @@ async function sendChat(submit) {
   $("files").value = "";
   $("attached").textContent = "";
   stopPlayback();
-  playerContext();  // a user gesture: lets the reply's audio start
   if (page.replyActive) send({ type: "response.cancel" });
   send({ type: "conversation.item.create", item: { type: "message", role: "user", content } });
   send({ type: "response.create" });
