@@ -222,6 +222,7 @@ def test_bad_events_get_errors_and_the_session_goes_on(client):
         events = receive_until(ws, "response.done")
         errors = [e for e in events if e["type"] == "error"]
         assert len(errors) == 1 and errors[0]["error"]["event_id"] == "x7"
+        assert errors[0]["error"]["code"] == "conversation_already_has_active_response"
         assert "response.output_text.delta" in kinds(events) or events[-1]["response"]["usage"]["output_tokens"]
         assert "response.output_audio.delta" not in kinds(events)
         # manual push-to-talk turn: append, commit, ask

@@ -2,8 +2,9 @@
 
     client: session.update, input_audio_buffer.append/commit/clear, conversation.item.create, response.create/cancel
     server: session.created/updated, input_audio_buffer.speech_started/speech_stopped/committed/cleared,
-            conversation.item.created, response.created, response.output_text.delta, response.output_audio.delta,
-            response.output_audio_transcript.delta, response.done, error
+            conversation.item.created, response.created, response.output_item.added/done,
+            response.content_part.added/done, response.output_text.delta/done, response.output_audio.delta/done,
+            response.output_audio_transcript.delta/done, response.done, error (naming the offending event)
 
 Audio in and out is base64 PCM16 mono at 24 kHz; input audio is resampled to the model's 16 kHz. With `server_vad`
 turn detection (see vad.py) a stop in speech commits the turn and starts a reply; speech during a reply cancels it
@@ -23,15 +24,13 @@ import json
 import logging
 import threading
 import uuid
-from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol, Union
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
-from typing import Annotated, Literal, Union
-
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..engine.pipeline import AudioChunk, TextDelta
@@ -352,6 +351,14 @@ def float_to_pcm16(samples: np.ndarray) -> str:
     return base64.b64encode(pcm.tobytes()).decode("ascii")
 
 
+class EventError(ValueError):
+    """A well-formed client event that cannot be done now; answered with an `error` event carrying `code`."""
+
+    def __init__(self, message: str, code: str = "invalid_request_error"):
+        super().__init__(message)
+        self.code = code
+
+
 class SocketGone(Exception):
     """The client went away (closed or half-open socket); the session stops."""
 
@@ -426,7 +433,9 @@ class RealtimeSession:
             return
         try:
             await self.dispatch(event)
-        except ValueError as exc:  # a semantic problem with a well-formed event: the client is told, we go on
+        except EventError as exc:
+            await self.error(str(exc), exc.code, raw)
+        except ValueError as exc:  # bad audio, media or settings in a well-formed event: the client is told, we go on
             await self.error(str(exc), "invalid_request_error", raw)
 
     async def dispatch(self, event: ClientEvent) -> None:
@@ -438,8 +447,8 @@ class RealtimeSession:
             await self.append_audio(event.audio)
         elif isinstance(event, InputAudioCommit):
             if len(self.input.audio) < WIRE_RATE * MIN_COMMIT_MS // 1000:
-                raise ValueError(f"the input audio buffer holds {self.input.ms(len(self.input.audio))} ms; "
-                                 f"at least {MIN_COMMIT_MS} ms are needed to commit")
+                raise EventError(f"the input audio buffer holds {self.input.ms(len(self.input.audio))} ms; "
+                                 f"at least {MIN_COMMIT_MS} ms are needed to commit", "input_audio_buffer_commit_empty")
             await self.commit(self.input.take())
         elif isinstance(event, InputAudioClear):
             self.input.take()
@@ -448,12 +457,13 @@ class RealtimeSession:
             await self.add_item(event.item, event.previous_item_id)
         elif isinstance(event, ResponseCreate):
             if self.reply is not None and not self.reply.done():
-                raise ValueError("conversation_already_has_active_response: cancel it or wait for response.done")
+                raise EventError("the conversation already has an active response: cancel it or wait for "
+                                 "response.done", "conversation_already_has_active_response")
             await self.start_reply(event.response.max_output_tokens if event.response else None,
                                    event.response.instructions if event.response else None)
         elif isinstance(event, ResponseCancel):
             if self.reply is None or self.reply.done():
-                raise ValueError("there is no active response to cancel")
+                raise EventError("there is no active response to cancel", "response_cancel_not_active")
             await self.stop_reply()
 
     # ------------------------------------------------------------------------------------------------ input audio
