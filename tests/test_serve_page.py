@@ -175,6 +175,20 @@ def test_page_text_file_and_push_to_talk_turns(page, tmp_path):
     page.evaluate("pressTalk()", await_promise=True)  # stop listening
     assert page.evaluate("document.getElementById('talk').textContent") == "Start listening"
 
+    # 5. the camera (Chromium's fake video): its frame rides along with a typed message; camera frames sent on
+    # their own are kept to the latest two in the conversation
+    page.evaluate("document.getElementById('camera').click()")
+    page.wait_for("document.getElementById('preview').videoWidth > 0", timeout=20)
+    page.evaluate("document.getElementById('text').value = 'What do you see?'; document.getElementById('send').click()")
+    page.wait_for("document.body.dataset.responsesDone === '5'", timeout=120)
+    assert page.evaluate("document.querySelectorAll('.msg.user img').length") == 1
+    assert page.dataset()["lastStatus"] == "completed"
+    page.evaluate("sendFrame(); sendFrame(); sendFrame()")
+    page.wait_for("document.querySelectorAll('[data-item^=\"camera_\"]').length === 2", timeout=20)
+    time.sleep(0.5)
+    assert page.evaluate("document.querySelectorAll('[data-item^=\"camera_\"]').length") == 2
+    assert not page.evaluate("document.querySelector('.msg.error')"), page.evaluate("document.body.innerText")
+
     shot = page.call("Page.captureScreenshot", format="png")["data"]
     path = tmp_path / "page.png"
     path.write_bytes(base64.b64decode(shot))

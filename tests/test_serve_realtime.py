@@ -217,6 +217,12 @@ def test_bad_events_get_errors_and_the_session_goes_on(client):
         ws.send_text(json.dumps({"type": "conversation.item.create", "event_id": "x11", "item": {
             "id": "first", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi."}]}}))
         assert json.loads(ws.receive_text())["error"]["event_id"] == "x11"  # ids are unique
+        ws.send_text(json.dumps({"type": "conversation.item.create", "item": {
+            "id": "gone", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Bye."}]}}))
+        assert json.loads(ws.receive_text())["item"]["id"] == "gone"
+        for expected in ("conversation.item.deleted", "error"):  # deleted, then no longer there
+            ws.send_text(json.dumps({"type": "conversation.item.delete", "item_id": "gone"}))
+            assert json.loads(ws.receive_text())["type"] == expected
         ws.send_text(json.dumps({"type": "response.create"}))
         ws.send_text(json.dumps({"type": "response.create", "event_id": "x7"}))  # one reply at a time
         events = receive_until(ws, "response.done")

@@ -1,8 +1,9 @@
 """`WS /v1/realtime`: OpenAI's Realtime protocol (GA event names) over one Omni model.
 
-    client: session.update, input_audio_buffer.append/commit/clear, conversation.item.create, response.create/cancel
+    client: session.update, input_audio_buffer.append/commit/clear, conversation.item.create/delete,
+            response.create/cancel
     server: session.created/updated, input_audio_buffer.speech_started/speech_stopped/committed/cleared,
-            conversation.item.created, response.created, response.output_item.added/done,
+            conversation.item.created/deleted, response.created, response.output_item.added/done,
             response.content_part.added/done, response.output_text.delta/done, response.output_audio.delta/done,
             response.output_audio_transcript.delta/done, response.done, error (naming the offending event)
 
@@ -176,6 +177,11 @@ class ConversationItemCreate(ClientEvent):
     previous_item_id: str | None = None
 
 
+class ConversationItemDelete(ClientEvent):
+    type: Literal["conversation.item.delete"]
+    item_id: str
+
+
 class ResponseOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     instructions: str | None = None
@@ -193,7 +199,8 @@ class ResponseCancel(ClientEvent):
 
 
 _CLIENT_EVENTS = TypeAdapter(Annotated[Union[SessionUpdate, InputAudioAppend, InputAudioCommit, InputAudioClear,
-                                             ConversationItemCreate, ResponseCreate, ResponseCancel],
+                                             ConversationItemCreate, ConversationItemDelete, ResponseCreate,
+                                             ResponseCancel],
                                        Field(discriminator="type")])
 
 
@@ -455,6 +462,12 @@ class RealtimeSession:
             await self.send(ServerEvent.of("input_audio_buffer.cleared"))
         elif isinstance(event, ConversationItemCreate):
             await self.add_item(event.item, event.previous_item_id)
+        elif isinstance(event, ConversationItemDelete):
+            at = next((i for i, item in enumerate(self.items) if item["id"] == event.item_id), None)
+            if at is None:
+                raise EventError(f"item {event.item_id!r} is not in the conversation", "item_not_found")
+            del self.items[at], self.messages[at]
+            await self.send(ServerEvent.of("conversation.item.deleted", item_id=event.item_id))
         elif isinstance(event, ResponseCreate):
             if self.reply is not None and not self.reply.done():
                 raise EventError("the conversation already has an active response: cancel it or wait for "

@@ -16,8 +16,9 @@ const page = {
   ws: null, reply: null, replyActive: false, attachments: [],
   mic: { ctx: null, stream: null, resampler: null, pending: [], pendingLength: 0, sending: false, captured: 0 },
   player: { ctx: null, next: 0, sources: new Set() },
-  camera: null,
+  camera: null, cameraItems: [], frames: 0,
 };
+const CAMERA_FRAMES_KEPT = 2;  // older camera frames are deleted from the conversation (the prompt stays short)
 
 function count(key) { document.body.dataset[key] = String(Number(document.body.dataset[key] || 0) + 1); }
 function setStatus(text) { $("status").textContent = text; }
@@ -78,6 +79,9 @@ function handle(event) {
       $("vad").classList.remove("speaking");
       $("vad-label").textContent = "listening";
       count("speechStopped");
+      break;
+    case "conversation.item.deleted":
+      document.querySelector(`[data-item="${CSS.escape(event.item_id)}"]`)?.remove();
       break;
     case "conversation.item.created":
       if (event.item.role === "user") showUserItem(event.item);
@@ -141,6 +145,7 @@ function scrollDown() { $("log").scrollTop = $("log").scrollHeight; }
 
 function showUserItem(item) {
   const element = addMessage("user", "");
+  element.dataset.item = item.id;
   for (const part of item.content) {
     if (part.type === "input_text") element.append(document.createTextNode(part.text));
     if (part.type === "input_audio") {
@@ -351,8 +356,15 @@ function cameraFrame() {
 
 function sendFrame() {
   const frame = cameraFrame();
-  if (frame) send({ type: "conversation.item.create", item: { type: "message", role: "user",
+  if (!frame) return;
+  page.frames += 1;
+  const id = `camera_${Date.now()}_${page.frames}`;
+  send({ type: "conversation.item.create", item: { id, type: "message", role: "user",
     content: [{ type: "input_image", image_url: frame }] } });
+  page.cameraItems.push(id);
+  while (page.cameraItems.length > CAMERA_FRAMES_KEPT) {
+    send({ type: "conversation.item.delete", item_id: page.cameraItems.shift() });
+  }
 }
 
 // -------------------------------------------------------------------------------------------- text and files
