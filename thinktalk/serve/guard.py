@@ -14,6 +14,8 @@ from .errors import APIError
 
 log = logging.getLogger("thinktalk.serve")
 PROTECTED_PREFIX = "/v1/"  # the API; /health, /openapi.json, /docs and the web page are open
+# Under the API but open: the page loads the voice names before it can speak to the (key-checked) socket.
+OPEN_API_PATHS = frozenset({"/v1/realtime/voices"})
 
 
 class BodyTooLarge(APIError):
@@ -55,7 +57,8 @@ class GuardMiddleware:
 
     def _refusal(self, scope: Scope) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith(PROTECTED_PREFIX):
+        path = scope["path"]
+        if self.api_key is not None and path.startswith(PROTECTED_PREFIX) and path not in OPEN_API_PATHS:
             given = headers.get("authorization", "")
             token = given[7:].strip() if given[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode("utf-8", "replace"), self.api_key.encode("utf-8")):
