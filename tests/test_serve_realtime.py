@@ -19,7 +19,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from thinktalk import Omni  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
-from thinktalk.serve.realtime import WorkerStreamRunner, float_to_pcm16, realtime_router  # noqa: E402
+from thinktalk.serve.realtime import WorkerStreamRunner, realtime_router  # noqa: E402
+from thinktalk.serve.realtime_events import float_to_pcm16  # noqa: E402
 from thinktalk.serve.vad import (EnergyVad, InputBuffer, SpeechStarted, SpeechStopped, TurnEnded,  # noqa: E402
                                   TurnStarted, VadSettings)
 
