@@ -140,3 +140,14 @@ def test_speech_misuse_is_a_clear_error(omni, tiny, tiny_thinker_only):
         text_only.generate(messages, return_audio=True, max_new_tokens=2)
     with pytest.raises(ValueError, match="audio_chunk_frames"):
         omni.generate(messages, audio_chunk_frames=0, max_new_tokens=2)
+
+
+def test_stream_takes_talker_keywords_like_generate(omni):
+    messages, _ = conversation("text", None)
+    thinker = dict(max_new_tokens=THINKER_TOKENS, do_sample=False, stop_token_ids=[-1])
+    by_keywords = list(omni.stream(messages, talker_do_sample=False, talker_max_new_tokens=6, **thinker))[-1]
+    by_dict = list(omni.stream(messages, talker={"do_sample": False, "max_new_tokens": 6}, **thinker))[-1]
+    assert torch.equal(by_keywords.result.codes, by_dict.result.codes)
+    assert by_keywords.result.codes.shape[1] <= 5
+    with pytest.raises(ValueError, match="unknown talker sampling option"):
+        omni.stream(messages, talker={"topk": 3})

@@ -183,6 +183,9 @@ class Omni:
         if chunk_frames < 1:
             raise ValueError(f"audio_chunk_frames must be at least 1, got {chunk_frames}")
         speaker = self.cfg.talker.speaker_id(voice or self.default_voice)
+        known = {f.name for f in dataclasses.fields(SamplingConfig)}
+        if unknown := sorted(set(talker) - known):
+            raise ValueError(f"unknown talker sampling option(s) {unknown}; known: {sorted(known)}")
         given = {k: v for k, v in talker.items() if v is not None}
         return SpeechOptions(speaker, dataclasses.replace(self.cfg.talker_sampling, **given), chunk_frames, seed)
 
@@ -203,12 +206,20 @@ class Omni:
     def stream(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
                use_audio_in_video: bool = False, tools: list | None = None, return_audio: bool | None = None,
                voice: str | None = None, audio_chunk_frames: int = 1, talker: dict | None = None,
+               talker_do_sample: bool | None = None, talker_temperature: float | None = None,
+               talker_top_k: int | None = None, talker_top_p: float | None = None,
+               talker_repetition_penalty: float | None = None, talker_max_new_tokens: int | None = None,
                **sampling) -> Iterator[TextDelta | AudioChunk | Done]:
         """Yields TextDelta events as text arrives (never a broken UTF-8 character), AudioChunk events as speech is
         synthesised (from the first codec frame on, while the text is still being written), then Done.
-        `talker`: the talker's sampling overrides, e.g. {"do_sample": False}. Closing the iterator early stops
-        the work and frees its caches."""
-        speech = self.speech_options(return_audio, voice, audio_chunk_frames, seed, talker or {})
+        The talker's sampling: the talker_* keywords, as in `generate`, or the same as a dict `talker`
+        ({"do_sample": False, "max_new_tokens": 100}). Closing the iterator early stops the work and frees its
+        caches."""
+        named = dict(do_sample=talker_do_sample, temperature=talker_temperature, top_k=talker_top_k,
+                     top_p=talker_top_p, repetition_penalty=talker_repetition_penalty,
+                     max_new_tokens=talker_max_new_tokens)
+        given = {k: v for k, v in named.items() if v is not None}
+        speech = self.speech_options(return_audio, voice, audio_chunk_frames, seed, {**(talker or {}), **given})
         prompt = self.prepare(messages, use_audio_in_video, tools)
         return self._stream(prompt, seed, stop_token_ids, speech, tools, self.sampling(**sampling))
 
