@@ -46,6 +46,9 @@ def bench_config(size: str) -> dict:
     return config
 
 
+RUNS = 5  # every figure is the best of this many runs, for both engines: a shared machine's noise only adds time
+
+
 def best_of(runs: int, fn) -> float:
     times = []
     for _ in range(runs):
@@ -67,24 +70,45 @@ def thinktalk_times(omni: Omni, prompts: list[list[int]], new_tokens: int, max_l
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(new_tokens):
-        tokens = sampler(runner.decode_step(tokens))
+        tokens = runner.decode_and_sample(tokens, sampler)
     tokens.tolist()
     return prefill, time.perf_counter() - start
 
 
+class TokenClock:
+    """A transformers streamer that notes when each batch of tokens reaches it: first the prompt, then one put per
+    generated token (on the CPU, right after that token is picked)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def reference_times(reference, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """The reference's generate() with 1 new token (prefill) and with new_tokens + 1; decode = the difference."""
+    """The reference's generate(): prefill = a 1-token generate; decode = the time from its first generated token
+    to its last in a (new_tokens + 1)-token generate, i.e. new_tokens decode steps, clocked by a streamer (timing
+    the steps directly rather than subtracting two noisy totals, which a burst of noise can make negative)."""
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
 
-    def generate(n):
+    def generate(n, streamer=None):
         with torch.no_grad():
             reference.thinker.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                       do_sample=False)
+                                       do_sample=False, streamer=streamer)
 
-    prefill = best_of(3, lambda: generate(1))
-    whole = best_of(3, lambda: generate(new_tokens + 1))
-    return prefill, max(whole - prefill, 1e-9)
+    def decode() -> float:
+        clock = TokenClock()
+        generate(new_tokens + 1, clock)
+        assert len(clock.times) == new_tokens + 2, len(clock.times)  # the prompt, then every generated token
+        return clock.times[-1] - clock.times[1]
+
+    prefill = best_of(RUNS, lambda: generate(1))
+    return prefill, min(decode() for _ in range(RUNS))
 
 
 def main() -> None:
@@ -115,7 +139,7 @@ def main() -> None:
         start = time.perf_counter()
         thinktalk_times(omni, prompts, 4, max_len, not args.eager)  # warm-up (and compile), not timed
         warm_up = time.perf_counter() - start
-        runs = [thinktalk_times(omni, prompts, args.new_tokens, max_len, not args.eager) for _ in range(3)]
+        runs = [thinktalk_times(omni, prompts, args.new_tokens, max_len, not args.eager) for _ in range(RUNS)]
         ours = (min(r[0] for r in runs), min(r[1] for r in runs))
         theirs = reference_times(reference, prompts, args.new_tokens)
         rows = {"thinktalk": ours, "reference": theirs}

@@ -4,6 +4,8 @@
 - The sampler's blocked CPU argmax picks the same index as argmax, ties and NaN included.
 - A compiled decode step (ThinkerRunner(compile=True)) gives the eager step's logits, step after step, and a second
   runner of the same shape, which reuses the compiled graph, reads and writes its own cache.
+- decode_and_sample picks the eager runner's tokens, with the greedy sampler (repetition penalty included) inside
+  the compiled step and with a drawing sampler after it.
 
 The thinker is the test suite's tiny one with strong random weights, built directly (no reference needed).
 """
@@ -17,8 +19,8 @@ import pytest
 import torch
 
 from checkpoints import strengthen_, tiny_config_dict
-from thinktalk.config import parse_config
-from thinktalk.engine.sampler import first_argmax
+from thinktalk.config import SamplingConfig, parse_config
+from thinktalk.engine.sampler import Sampler, first_argmax
 from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs
 from thinktalk.layers.moe import SparseMoe, experts_gathered
 from thinktalk.models.thinker import Thinker
@@ -83,3 +85,26 @@ def test_compiled_decode_steps_equal_eager_steps(thinker):
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
             assert torch.equal(got.argmax(-1), expected.argmax(-1))
             pairs[i] = (eager, compiled, expected.argmax(-1))
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("params", [SamplingConfig(repetition_penalty=1.3),
+                                    SamplingConfig(do_sample=True, top_k=20, top_p=0.9)], ids=["greedy", "draw"])
+def test_compiled_decode_and_sample_picks_the_eager_tokens(thinker, params):
+    vocab, steps = thinker.cfg.text.vocab_size, 4
+    prompts = random_prompts([4, 9], seed=3, vocab=vocab)
+    picked = []
+    for compile in (False, True):
+        runner = ThinkerRunner(thinker, 2, 9 + steps, compile=compile)  # the shape above: its graph is reused
+        sampler = Sampler(params, 2, vocab, CPU, seed=7)
+        ids = torch.tensor([p + p[-1:] * (9 - len(p)) for p in prompts])
+        sampler.observe(ids)
+        tokens = sampler(runner.prefill(text_prefill_inputs(thinker, prompts, CPU))[0])
+        seq = [tokens]
+        for _ in range(steps):
+            tokens = runner.decode_and_sample(tokens, sampler)
+            seq.append(tokens)
+        picked.append((torch.stack(seq), sampler.seen))
+    (eager_tokens, eager_seen), (compiled_tokens, compiled_seen) = picked
+    assert torch.equal(compiled_tokens, eager_tokens)
+    assert torch.equal(compiled_seen, eager_seen)  # the penalty's in-place bookkeeping happened inside the graph
