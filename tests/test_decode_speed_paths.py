@@ -4,6 +4,8 @@
 - The sampler's blocked CPU argmax picks the same index as argmax, ties and NaN included.
 - A compiled decode step (ThinkerRunner(compile=True)) gives the eager step's logits, step after step, and a second
   runner of the same shape, which reuses the compiled graph, reads and writes its own cache.
+- Both decode steps (with and without the greedy sampler) trace into one graph: no host synchronisation or
+  untraceable call splits them.
 - decode_and_sample picks the eager runner's tokens, with the greedy sampler (repetition penalty included) inside
   the compiled step and with a drawing sampler after it.
 
@@ -65,6 +67,17 @@ def test_first_argmax_equals_argmax(batch, vocab):
     logits[0, vocab // 2] = 10.0  # a clear winner inside a block
     assert torch.equal(first_argmax(logits), logits.argmax(dim=-1))
     assert torch.equal(first_argmax(torch.full((batch, vocab), float("-inf"))), torch.zeros(batch, dtype=torch.long))
+
+
+def test_decode_steps_trace_into_one_graph(thinker):
+    runner = ThinkerRunner(thinker, 2, 12)
+    prompts = random_prompts([5, 9], seed=4, vocab=thinker.cfg.text.vocab_size)
+    tokens = runner.prefill(text_prefill_inputs(thinker, prompts, CPU))[0].argmax(-1)
+    sampler = Sampler(SamplingConfig(repetition_penalty=1.2), 2, thinker.cfg.text.vocab_size, CPU)
+    with torch.inference_mode():
+        for step, args in [(runner._eager_step, (tokens,)), (runner._eager_step_and_pick, (tokens, sampler))]:
+            explained = torch._dynamo.explain(step)(*args)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 @pytest.mark.skipif(not HAS_CXX, reason="torch.compile on the CPU needs a C++ compiler")

@@ -53,9 +53,10 @@ class ThinkerRunner:
     compile=True wraps the decode step with torch.compile from the outside (the layers stay plain eager code): one
     static-shape graph per (batch, max_len), fused into C++ loops on the CPU, with a C++ wrapper there so that a
     step does not return to Python between kernels. The first decode step of a new shape pays for compiling (tens of
-    seconds on a small CPU); later runners of the same shape reuse the compiled graph. Prefill stays eager: its
-    shapes change with every prompt. `decode_step` returns logits; `decode_and_sample` also picks the next tokens,
-    inside the same compiled graph when the sampler is greedy (decode_step and decode_and_sample compile apart).
+    seconds on a small CPU); later runners of the same shape reuse the compiled graph, so compile suits a server
+    that keeps one (batch, max_len); past torch._dynamo's recompile limit (8 shapes) new shapes run eagerly.
+    Prefill stays eager: its shapes change with every prompt. `decode_step` returns logits; `decode_and_sample`
+    also picks the next tokens, inside the same compiled graph when the sampler is greedy (the two compile apart).
     """
 
     def __init__(self, thinker: Thinker, batch: int, max_len: int, compile: bool = False):
@@ -66,10 +67,11 @@ class ThinkerRunner:
         self.cursor = CacheCursor(batch, max_len, self.device)
         self._step, self._step_and_pick = self._eager_step, self._eager_step_and_pick
         if compile:
+            # Each traces into one graph (tests/test_decode_speed_paths.py checks it). No fullgraph=True: past the
+            # recompile limit it would raise, where without it a new shape runs eagerly.
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
-            self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False, options=options)
-            self._step_and_pick = torch.compile(self._eager_step_and_pick, fullgraph=True, dynamic=False,
-                                                options=options)
+            self._step = torch.compile(self._eager_step, dynamic=False, options=options)
+            self._step_and_pick = torch.compile(self._eager_step_and_pick, dynamic=False, options=options)
 
     @torch.inference_mode()
     def prefill(self, inputs: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
