@@ -7,8 +7,8 @@ with a strict state-dict load, and both implementations run on the same inputs.
 
 import json
 import math
-from pathlib import Path
 
+import checkpoints
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,26 +20,15 @@ from thinktalk.layers.encoder_attention import PackedSequences
 from thinktalk.models.audio_encoder import AudioEncoder, audio_token_count
 from thinktalk.models.vision_encoder import VisionEncoder
 
-FULL_CONFIG = Path("/work/shared/reference/qwen3-omni-30b-a3b-instruct.config.json")
+FULL_CONFIG = checkpoints.FULL_CONFIG
 AUDIO_PREFIX, VISION_PREFIX = "thinker.audio_tower.", "thinker.visual."
 TOLERANCE = 1e-4
 
 
 def tiny_config_dict() -> dict:
-    """The released config with tiny encoder and thinker sizes, float32, no talker."""
-    c = json.loads(FULL_CONFIG.read_text())
-    c["enable_audio_output"] = False
-    t = c["thinker_config"]
-    t["audio_config"].update(d_model=32, encoder_attention_heads=4, encoder_ffn_dim=64, encoder_layers=2,
-                             downsample_hidden_size=16, output_dim=64)
-    t["vision_config"].update(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
-                              deepstack_visual_indexes=[0, 1], num_position_embeddings=64)
-    t["text_config"].update(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                            num_hidden_layers=1, vocab_size=512)
-    t["text_config"]["rope_parameters"]["mrope_section"] = [2, 3, 3]
-    for section in (c, t, t["audio_config"], t["vision_config"], t["text_config"]):
-        section["dtype"] = "float32"
+    """The suite's tiny config without the talker, its thinker trimmed further (the encoders are under test)."""
+    c = checkpoints.tiny_config_dict(talker=False)
+    c["thinker_config"]["text_config"].update(num_experts=4, num_hidden_layers=1, vocab_size=512)
     return c
 
 

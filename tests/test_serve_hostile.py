@@ -16,7 +16,6 @@ import zlib
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from media import noise_image, tone
 
@@ -33,14 +32,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = ServerLimits(max_body_bytes=2 * 2**20, max_media_bytes=512 * 2**10, max_audio_seconds=3.0, max_images=2,
                       max_videos=1, max_audios=2, max_image_pixels=4 * 2**20, max_tokens=64, default_max_tokens=4,
                       max_audio_output_seconds=0.5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import wave
 
 import httpx
 import pytest
-import torch
 from media import noise_image, tone, write_video
 
 from thinktalk.omni import Omni
@@ -32,14 +31,6 @@ SAMPLES_PER_FRAME, LOOKAHEAD = 1920, 555
 SPEECH = {"voice": "ethan", "format": "wav", "max_seconds": 0.8}  # 0.8 s -> at most 11 codec frames
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def media_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served_media")
@@ -49,7 +40,7 @@ def media_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny, media_dir, one_thread):
+def server(tiny, media_dir):
     omni = Omni.from_pretrained(tiny.path, device="cpu", dtype="float32")
     app = create_app(omni, MODEL, allowed_local_media_path=media_dir, limits=ServerLimits(default_max_tokens=8))
     with BackgroundServer(app) as url:
