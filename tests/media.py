@@ -16,6 +16,20 @@ def tone(seconds: float, rate: int = 16000, hz: float = 440.0, seed: int = 0) ->
     return (0.4 * np.sin(2 * np.pi * hz * t) + noise).astype(np.float32)
 
 
+def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
+    """A tone as a 16-bit mono WAV file, in memory."""
+    import io
+    import wave
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((tone(seconds, rate) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)

@@ -11,13 +11,12 @@ import base64
 import io
 import struct
 import threading
-import wave
 import zlib
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from media import noise_image, tone
+from media import noise_image, wav_bytes
 
 from thinktalk.omni import Omni
 from thinktalk.serve.app import create_app
@@ -79,14 +78,6 @@ def _bilevel_png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def _wav(seconds: float) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes((tone(seconds) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
 
 
 def b64(data: bytes) -> str:
@@ -144,7 +135,7 @@ CASES = {
     "image_over_pixel_cap": (chat(image("data:image/png;base64," + b64(_bilevel_png(5000, 5000)))), 400),
     "media_over_byte_cap": (chat(image("data:image/png;base64," + "A" * (800 * 2**10))), 400),
     "too_many_images": (chat(image(PNG_URL), image(PNG_URL), image(PNG_URL)), 400),
-    "audio_over_cap": (chat({"type": "input_audio", "input_audio": {"data": b64(_wav(4.0))}}), 400),
+    "audio_over_cap": (chat({"type": "input_audio", "input_audio": {"data": b64(wav_bytes(4.0))}}), 400),
     "file_url_traversal": (chat(image("file:///ALLOWED/../secret.png")), 400),
     "file_url_outside": (chat(image("file:///etc/passwd")), 400),
     "file_url_symlink_out": (chat(image("file:///ALLOWED/escape.png")), 400),
@@ -199,7 +190,7 @@ def test_chunked_body_over_cap(server):
 
 @pytest.mark.parametrize("case", ["garbage", "no_file", "srt", "corrupt_audio", "unknown_model"])
 def test_hostile_transcription(server, case):
-    url, files, data = server + "/v1/audio/transcriptions", {"file": ("a.wav", _wav(1.0), "audio/wav")}, {
+    url, files, data = server + "/v1/audio/transcriptions", {"file": ("a.wav", wav_bytes(1.0), "audio/wav")}, {
         "model": MODEL}
     if case == "garbage":
         response = httpx.post(url, content=b"--xx\r\nnot multipart at all", timeout=30,

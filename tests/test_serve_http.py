@@ -15,7 +15,7 @@ import wave
 
 import httpx
 import pytest
-from media import noise_image, tone, write_video
+from media import noise_image, wav_bytes, write_video
 
 from thinktalk.omni import Omni
 from thinktalk.processing.tools import ToolCall
@@ -57,13 +57,7 @@ def user(content) -> list[dict]:
 
 
 def wav_data_url(seconds: float) -> str:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes((tone(seconds) * 32767).astype("<i2").tobytes())
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(wav_bytes(seconds)).decode()
 
 
 def png_data_url() -> str:
