@@ -295,9 +295,10 @@ class TalkerConfig:
 
 
 def _parse_talker(f: FieldReader, thinker: ThinkerConfig) -> TalkerConfig:
-    text = _parse_decoder(f.sub("text_config"), mrope=True, experts_key="num_local_experts")
-    if not text.moe and f.sub("text_config").has("num_experts"):
-        text = _parse_decoder(f.sub("text_config"), mrope=True, experts_key="num_experts")
+    text_fields = f.sub("text_config")
+    # transformers writes the talker's expert count as num_local_experts; older files may say num_experts.
+    experts_key = "num_local_experts" if text_fields.has("num_local_experts") else "num_experts"
+    text = _parse_decoder(text_fields, mrope=True, experts_key=experts_key)
     predictor = _parse_decoder(f.sub("code_predictor_config"), mrope=False, sparse=False)
     speakers = f.raw("speaker_id", {})
     if not isinstance(speakers, dict) or not all(isinstance(v, int) for v in speakers.values()):
