@@ -54,8 +54,9 @@ def encode_prompt(thinker: Thinker, prompt: PreparedPrompt) -> EncodedPrompt:
     for items, rows, what in ((prompt.images, image_rows, "image"), (prompt.videos, video_rows, "video")):
         if not items:
             continue
-        patches = torch.cat([item.patches for item in items]).to(param.device, param.dtype)
-        grids = torch.tensor([item.grid_thw for item in items], dtype=torch.long, device=param.device)
+        # The patches stay where the processor made them: the encoder moves one group of frames at a time.
+        patches = items[0].patches if len(items) == 1 else torch.cat([item.patches for item in items])
+        grids = torch.tensor([item.grid_thw for item in items], dtype=torch.long)
         out = thinker.visual(patches, grids)
         _place(embeds, rows, out.embeds, what)
         deep_by_kind.append((rows, out.deepstack))
@@ -71,15 +72,24 @@ def encode_prompt(thinker: Thinker, prompt: PreparedPrompt) -> EncodedPrompt:
 
 
 class DeepstackHook:
-    """After decoder layer i < levels, adds level i's visual features at the visual rows of each batch row."""
+    """After decoder layer i < levels, adds level i's visual features at the visual rows of each batch row.
+
+    `cols` are positions in the hidden states the hook is called with: the whole prompt, or for a prefill chunk
+    the window of it that `window` returns (positions shifted so that the chunk's first is 0).
+    """
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, levels: list[torch.Tensor]):
         self.rows, self.cols, self.levels = rows, cols, levels  # (n,), (n,), [(n, hidden)]
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        if layer >= len(self.levels):
+        if layer >= len(self.levels) or self.rows.numel() == 0:
             return hidden
         return hidden.index_put((self.rows, self.cols), self.levels[layer].to(hidden.dtype), accumulate=True)
+
+    def window(self, start: int, end: int) -> DeepstackHook:
+        """The hook for prompt positions [start, end): the features that fall there, at positions - start."""
+        inside = ((self.cols >= start) & (self.cols < end)).nonzero().squeeze(1)
+        return DeepstackHook(self.rows[inside], self.cols[inside] - start, [level[inside] for level in self.levels])
 
 
 def multimodal_prefill_inputs(thinker: Thinker, prompts: list[PreparedPrompt]) -> PrefillInputs:

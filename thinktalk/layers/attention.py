@@ -75,4 +75,10 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     gqa = heads != kv_heads
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+    if gqa and q.device.type == "cuda":
+        # Many masked queries (a later prefill chunk): CUDA's fused kernels take a mask or shared kv heads, not
+        # both, and SDPA would fall back to its math path with (batch, heads, seq, keys) scores in memory. One copy
+        # of k and v per query head costs far less.
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -62,3 +62,20 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
         qg, kg, vg = (t[index].transpose(1, 2) for t in (q, k, v))
         out[index] = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2)
     return out
+
+
+def group_by_budget(lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Consecutive sequence lengths in groups of at most `budget` tokens; a longer sequence forms a group alone;
+    None = one group. The encoders run their sequences group by group: attention never crosses a sequence, so the
+    result is the same and only one group's activations are alive at a time."""
+    if budget is None:
+        return [list(lengths)]
+    groups: list[list[int]] = [[]]
+    used = 0
+    for n in lengths:
+        if groups[-1] and used + n > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(n)
+        used += n
+    return groups

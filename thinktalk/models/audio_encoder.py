@@ -29,12 +29,19 @@ from torch import nn
 
 from ..config import AudioEncoderConfig
 from ..layers.activation import activation_by_name
-from ..layers.encoder_attention import PackedSequences, packed_attention
+from ..layers.encoder_attention import PackedSequences, group_by_budget, packed_attention
 
 # The downsampling stem of AuT: three 3x3 convolutions of stride 2 and padding 1 (8x fewer steps in time and mel).
 CONV_KERNEL, CONV_STRIDE, CONV_PADDING, NUM_CONVS = 3, 2, 1, 3
 SINUSOID_MAX_TIMESCALE = 10000.0  # longest wavelength of the sinusoidal positions (as in Whisper)
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, which the checkpoint was trained with
+# Memory bounds for long audio; neither changes the result. The stem runs at most STEM_GROUP_CHUNKS chunks (1 s
+# each) at a time: at the released widths (480 channels) the first convolution's output and its GELU take about
+# 0.3 GB of bf16 per 50 chunks, where the checkpoint's conv_chunksize (500) would take 3 GB. The layers run whole
+# attention windows in groups of at most GROUP_TOKENS tokens (about 5 minutes of audio; about 0.2 GB of bf16
+# activations at d_model 1280, ffn 5120), so 40 minutes need no more than 5.
+STEM_GROUP_CHUNKS = 50
+GROUP_TOKENS = 4096
 
 
 def downsampled_length(length: int) -> int:
@@ -124,8 +131,10 @@ class AudioEncoder(nn.Module):
         """Tokens per attention window: n_window_infer frames (a whole number of chunks) = 104 tokens for 8 s."""
         return downsampled_length(self.chunk_frames) * (self.cfg.n_window_infer // self.chunk_frames)
 
-    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """features[i]: (num_mel_bins, frames_i) log-mel -> [(audio_token_count(frames_i), output_dim)]."""
+    def forward(self, features: list[torch.Tensor], group_tokens: int | None = GROUP_TOKENS) -> list[torch.Tensor]:
+        """features[i]: (num_mel_bins, frames_i) log-mel -> [(audio_token_count(frames_i), output_dim)].
+
+        The layers run whole attention windows in groups of at most `group_tokens` tokens (None = all at once)."""
         self._check(features)
         chunks, chunk_frames = self._chunk(features)  # (chunks, mel, longest chunk), (chunks,)
         x = self._embed_chunks(chunks)  # (chunks, steps, d_model)
@@ -133,11 +142,20 @@ class AudioEncoder(nn.Module):
         valid = torch.tensor([downsampled_length(n) for n in chunk_frames], device=x.device)
         x = x[torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None]]  # (tokens, d_model)
         counts = [audio_token_count(f.shape[1], self.cfg.n_window) for f in features]
-        windows = PackedSequences.from_lengths(self.attention_windows(counts), x.device)
+        out = x.new_empty(x.shape[0], self.cfg.output_dim)
+        start = 0
+        for group in group_by_budget(self.attention_windows(counts), group_tokens):
+            end = start + sum(group)
+            out[start:end] = self._run_layers(x[start:end], group)
+            start = end
+        return list(out.split(counts))
+
+    def _run_layers(self, x: torch.Tensor, windows: list[int]) -> torch.Tensor:
+        """(tokens, d_model) of whole attention windows (lengths `windows`) -> (tokens, output_dim)."""
+        packing = PackedSequences.from_lengths(windows, x.device)
         for layer in self.layers:
-            x = layer(x, windows)
-        x = self.proj2(self.act(self.proj1(self.ln_post(x))))
-        return list(x.split(counts))
+            x = layer(x, packing)
+        return self.proj2(self.act(self.proj1(self.ln_post(x))))
 
     def _check(self, features: list[torch.Tensor]) -> None:
         if not features:
@@ -166,8 +184,8 @@ class AudioEncoder(nn.Module):
         dtype = self.conv2d1.weight.dtype
         out = []
         # The first convolution's output is the largest activation (C x mel/2 x frames/2 per chunk): run the
-        # stem over conv_chunksize chunks at a time so memory stays bounded for long audio.
-        for group in chunks.split(self.cfg.conv_chunksize):
+        # stem over a bounded number of chunks at a time so memory stays bounded for long audio.
+        for group in chunks.split(min(self.cfg.conv_chunksize, STEM_GROUP_CHUNKS)):
             h = F.gelu(self.conv2d1(group.unsqueeze(1).to(dtype)))  # (n, C, mel/2, frames/2)
             h = F.gelu(self.conv2d2(h))  # (n, C, mel/4, frames/4)
             h = F.gelu(self.conv2d3(h))  # (n, C, mel/8, frames/8)
@@ -184,3 +202,4 @@ class AudioEncoder(nn.Module):
             full, rest = divmod(count, window)
             lengths += [window] * full + ([rest] if rest else [])
         return lengths
+

@@ -4,6 +4,7 @@
       -> patch_embed: Conv3d over (T, P, P) with stride = kernel, i.e. one linear map per patch  (patches, hidden)
       -> + learned (side x side) position table, bilinearly resampled to the frame's (h, w) grid
       -> [x + Attn(LN(x), 2-D rotary) ; x + fc2(GELU_tanh(fc1(LN(x))))] x depth, attention within each frame
+         (so frames run in groups of at most GROUP_PATCHES patches, each group's activations freed before the next)
             after block i in deepstack_visual_indexes: merger_list[j](x) -> a deepstack feature (tokens, out)
       -> merger: LN per patch -> concat 2x2 patches -> Linear -> GELU -> Linear        (patches / 4, out_hidden)
 
@@ -22,11 +23,16 @@ from torch import nn
 
 from ..config import VisionEncoderConfig
 from ..layers.activation import activation_by_name
-from ..layers.encoder_attention import PackedSequences, packed_attention
+from ..layers.encoder_attention import PackedSequences, group_by_budget, packed_attention
 from ..layers.rotary import apply_rotary
 
 ROPE_THETA = 10000.0  # the vision config carries no rope_theta; the reference uses its default
 LAYER_NORM_EPS = 1e-6
+# Patches per group of frames run through the blocks at once. Attention stays within a frame, so grouping changes
+# nothing in the result; it bounds the activations: at the released widths (hidden 1152, MLP 4304) a group of
+# 16,384 patches peaks at about 0.7 GiB of bf16 (engine/memory.py's estimate), where a 120-s 1080p video (276k
+# patches) at once would take about 12 GiB.
+GROUP_PATCHES = 16384
 
 
 @dataclass
@@ -150,19 +156,51 @@ class VisionEncoder(nn.Module):
         self.merger_list = nn.ModuleList(PatchMerger(cfg, norm_after_concat=True)
                                          for _ in cfg.deepstack_visual_indexes)
 
-    def forward(self, pixel_patches: torch.Tensor, grid_thw: torch.Tensor) -> VisionOutput:
-        """pixel_patches: (sum t*h*w, C*T*P*P); grid_thw: (n, 3) patches per image or video along (t, h, w)."""
+    def forward(self, pixel_patches: torch.Tensor, grid_thw: torch.Tensor,
+                group_patches: int | None = GROUP_PATCHES) -> VisionOutput:
+        """pixel_patches: (sum t*h*w, C*T*P*P); grid_thw: (n, 3) patches per image or video along (t, h, w).
+
+        Frames run through the blocks in groups of at most `group_patches` patches (a larger frame runs alone;
+        None = all at once). pixel_patches may stay on the host: each group moves to the weights' device alone.
+        """
         grids = self._check(pixel_patches, grid_thw)
-        x = self.patch_embed(pixel_patches)  # (patches, hidden)
-        x = x + self._position_embeddings(grids, x.device).to(x.dtype)
-        rotary = self._rotary(grids, x.device)
-        frames = PackedSequences.from_lengths([h * w for t, h, w in grids for _ in range(t)], x.device)
-        deepstack = []
+        if group_patches is not None and group_patches < 1:
+            raise ValueError(f"group_patches must be >= 1 or None, got {group_patches}")
+        frames = [(h, w) for t, h, w in grids for _ in range(t)]  # attention runs within each of these
+        weight = self.patch_embed.proj.weight
+        merge_area, levels = self.cfg.spatial_merge_size ** 2, len(self.cfg.deepstack_visual_indexes)
+        tokens = pixel_patches.shape[0] // merge_area
+        embeds = weight.new_empty(tokens, self.cfg.out_hidden_size)
+        deepstack = [weight.new_empty(tokens, self.cfg.out_hidden_size) for _ in range(levels)]
+        tables: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # per frame size: positions, cos, sin
+        start, first = 0, 0
+        for group in group_by_budget([h * w for h, w in frames], group_patches):
+            end = start + sum(group)
+            rows = slice(start // merge_area, end // merge_area)
+            group_frames, first = frames[first:first + len(group)], first + len(group)
+            embeds[rows], *deep = self._run_group(pixel_patches[start:end], group_frames, tables)
+            for level, features in enumerate(deep):
+                deepstack[level][rows] = features
+            start = end
+        return VisionOutput(embeds=embeds, deepstack=deepstack)
+
+    def _run_group(self, pixel_patches: torch.Tensor, frames: list[tuple[int, int]],
+                   tables: dict[tuple[int, int], tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+        """Whole frames of (h, w) patches -> [merged tokens, deepstack level 0, 1, ...], each (patches/4, out)."""
+        device = self.patch_embed.proj.weight.device
+        for size in frames:
+            if size not in tables:
+                tables[size] = self._frame_tables(*size, device)
+        position, cos, sin = (torch.cat([tables[size][i] for size in frames]) for i in range(3))
+        x = self.patch_embed(pixel_patches.to(device, self.patch_embed.proj.weight.dtype))  # (patches, hidden)
+        x = x + position.to(x.dtype)
+        packing = PackedSequences.from_lengths([h * w for h, w in frames], device)
+        outputs = []
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, frames)
+            x = block(x, (cos, sin), packing)
             if i in self.cfg.deepstack_visual_indexes:
-                deepstack.append(self.merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
-        return VisionOutput(embeds=self.merger(x), deepstack=deepstack)
+                outputs.append(self.merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
+        return [self.merger(x)] + outputs
 
     def _check(self, pixel_patches: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
         cfg, merge = self.cfg, self.cfg.spatial_merge_size
@@ -179,32 +217,31 @@ class VisionEncoder(nn.Module):
                              f"got {tuple(pixel_patches.shape)}")
         return grids
 
-    def _position_embeddings(self, grids: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
-        """(patches, hidden) float32: the learned side x side table resampled to each frame, repeated per frame."""
+    def _frame_tables(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One (h, w) frame's tables in processor patch order, float32: learned positions (h*w, hidden) and the
+        2-D rotary cos, sin (h*w, head_dim). They depend only on the frame's size."""
+        rows, cols = merge_block_order(h, w, self.cfg.spatial_merge_size, device)
+        return (self._position_embeddings(h, w, device)[rows, cols],) + self._rotary(rows, cols)
+
+    def _position_embeddings(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(h, w, hidden) float32: the learned side x side table, bilinearly resampled to an (h, w) frame."""
         side = math.isqrt(self.cfg.num_position_embeddings)
         table = self.pos_embed.weight.float().view(side, side, -1)
-        out = []
-        for t, h, w in grids:
-            r0, r1, fr = bilinear_taps(h, side, device)
-            c0, c1, fc = bilinear_taps(w, side, device)
-            fr, fc = fr[:, None, None], fc[None, :, None]
-            # (h, w, hidden): the four neighbours weighted by the products of the per-axis weights
-            grid = ((1 - fr) * (1 - fc) * table[r0][:, c0] + (1 - fr) * fc * table[r0][:, c1]
-                    + fr * (1 - fc) * table[r1][:, c0] + fr * fc * table[r1][:, c1])
-            rows, cols = merge_block_order(h, w, self.cfg.spatial_merge_size, device)
-            out.append(grid[rows, cols].repeat(t, 1))  # (t*h*w, hidden)
-        return torch.cat(out)
+        r0, r1, fr = bilinear_taps(h, side, device)
+        c0, c1, fc = bilinear_taps(w, side, device)
+        fr, fc = fr[:, None, None], fc[None, :, None]
+        # the four neighbours weighted by the products of the per-axis weights
+        return ((1 - fr) * (1 - fc) * table[r0][:, c0] + (1 - fr) * fc * table[r0][:, c1]
+                + fr * (1 - fc) * table[r1][:, c0] + fr * fc * table[r1][:, c1])
 
-    def _rotary(self, grids: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """2-D rotary tables (patches, head_dim) float32: a quarter of head_dim's angles follow the row, a quarter
-        the column, each pair at the same frequencies; laid out [row | col | row | col] for rotate-half."""
+    def _rotary(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """2-D rotary tables (patches, head_dim) float32 for patches at (rows, cols): a quarter of head_dim's angles
+        follow the row, a quarter the column, each pair at the same frequencies; [row | col | row | col] for
+        rotate-half."""
         quarter = self.cfg.hidden_size // self.cfg.num_heads // 4
-        inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(quarter, dtype=torch.float, device=device) / quarter))
-        positions = []
-        for t, h, w in grids:
-            rows, cols = merge_block_order(h, w, self.cfg.spatial_merge_size, device)
-            positions.append(torch.stack((rows, cols), dim=1).repeat(t, 1))  # (t*h*w, 2)
-        angles = torch.cat(positions).float()[:, :, None] * inv_freq  # (patches, 2, quarter)
+        inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(quarter, dtype=torch.float, device=rows.device) / quarter))
+        angles = torch.stack((rows, cols), dim=1).float()[:, :, None] * inv_freq  # (patches, 2, quarter)
         angles = angles.flatten(1)  # (patches, head_dim/2) = [row angles | col angles]
         emb = torch.cat((angles, angles), dim=1)
         return emb.cos(), emb.sin()
+

@@ -313,9 +313,17 @@ def video_patches(frames: Sequence[Image.Image] | np.ndarray, fps_sampled: float
         _check_pixels(image.width, image.height, f"video frame {index}", cfg)
     max_pixels = video_frame_max_pixels(len(images), cfg)
     size = smart_resize(height, width, cfg.factor, cfg.video_min_pixels, max_pixels, cfg.max_aspect_ratio)
-    stacked = torch.stack([_normalised_frame(image, size, cfg) for image in images])
-    patches, grid = _patchify(stacked, cfg)
-    return patches, grid, cfg.temporal_patch_size / fps_sampled
+    # One temporal group of frames at a time, straight into the output: a long video never holds its normalised
+    # frames and their patch copy at once (2x the patches' size).
+    t = cfg.temporal_patch_size
+    images += [images[-1]] * (-len(images) % t)  # pad to whole groups with the last frame
+    groups, per_group = len(images) // t, (size[0] // cfg.patch_size) * (size[1] // cfg.patch_size)
+    patches = torch.empty(groups * per_group, RGB_CHANNELS * t * cfg.patch_size ** 2)
+    for g in range(groups):
+        frames = torch.stack([_normalised_frame(image, size, cfg) for image in images[g * t:(g + 1) * t]])
+        patches[g * per_group:(g + 1) * per_group] = _patchify(frames, cfg)[0]
+    grid = torch.tensor([[groups, size[0] // cfg.patch_size, size[1] // cfg.patch_size]], dtype=torch.long)
+    return patches, grid, t / fps_sampled
 
 
 def sample_count(total_frames: int, native_fps: float, cfg: VisionProcessorConfig) -> int:
