@@ -1,16 +1,19 @@
 """Spoken replies on the CPU: time to the first audio and real-time factor, thinktalk and the reference, one run.
 
-    python bench/speech_cpu.py [--thinker-tokens 32] [--talker-tokens 64] [--threads 1] [--runs 3]
+    python bench/speech_cpu.py [--thinker-tokens 32] [--talker-tokens 64] [--threads 1] [--runs 3] [--compile]
 
 One tiny random checkpoint (built by the reference, saved, loaded into thinktalk), greedy thinker and talker so
 both produce the same words and the same audio. thinktalk streams: its first audio chunk leaves after one thinker
 token, the talker prefill, one code-predictor pass and one Code2Wav step. The reference does not stream: its
 first (and only) audio is the whole reply, after the thinker has finished. RTF = generation time / audio length.
+--compile adds a row for thinktalk with the code predictor's decoder-stack runs compiled (StepMode.COMPILED; the
+one-off compile time is printed apart and not counted in the runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from checkpoints import build_reference, save_reference, tiny_config_dict  # noqa: E402
 
 from thinktalk import Omni  # noqa: E402
+from thinktalk.engine.graphs import StepMode  # noqa: E402
 from thinktalk.engine.pipeline import AudioChunk  # noqa: E402
 from thinktalk.omni import Done  # noqa: E402
 from thinktalk.processing.tokenizer import build_qwen_tokenizer_files  # noqa: E402
@@ -31,12 +35,16 @@ from thinktalk.processing.tokenizer import build_qwen_tokenizer_files  # noqa: E
 MESSAGES = [{"role": "user", "content": "Tell me a short story about the sea."}]
 
 
-def thinktalk_run(omni: Omni, thinker_tokens: int, talker_tokens: int, chunk_frames: int) -> tuple[float, float, float]:
-    """(seconds to the first audio chunk, total seconds, seconds of audio)."""
+def thinktalk_run(omni: Omni, thinker_tokens: int, talker_tokens: int, chunk_frames: int,
+                  mode: StepMode | None = None) -> tuple[float, float, float]:
+    """(seconds to the first audio chunk, total seconds, seconds of audio). mode: how the talker steps run."""
+    speech = omni.speech_options(True, None, chunk_frames, None, {"do_sample": False, "max_new_tokens": talker_tokens})
+    speech = dataclasses.replace(speech, step_mode=mode)
+    prompt = omni.prepare(MESSAGES)
+    sampling = omni.sampling(max_new_tokens=thinker_tokens, do_sample=False)
     start, first = time.perf_counter(), None
-    for event in omni.stream(MESSAGES, return_audio=True, max_new_tokens=thinker_tokens, do_sample=False,
-                             stop_token_ids=[-1], talker={"do_sample": False, "max_new_tokens": talker_tokens},
-                             audio_chunk_frames=chunk_frames):
+    # Omni.stream does not take a step mode (yet): its body, with the speech options changed.
+    for event in omni._stream(prompt, None, [-1], speech, None, sampling):
         if isinstance(event, AudioChunk) and first is None:
             first = time.perf_counter() - start
         if isinstance(event, Done):
@@ -63,6 +71,7 @@ def main() -> None:
     parser.add_argument("--chunk-frames", type=int, default=1, help="codec frames per audio chunk")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest for tiny models (no OpenMP hand-offs)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time the compiled code-predictor pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,18 +80,31 @@ def main() -> None:
         build_qwen_tokenizer_files(path)
         omni = Omni.from_pretrained(path, device="cpu", dtype="float32", show_progress=False)
     ids = omni.encode_prompt(MESSAGES)
-    thinktalk_run(omni, 4, 4, args.chunk_frames)  # warm-up
-    ours = [thinktalk_run(omni, args.thinker_tokens, args.talker_tokens, args.chunk_frames) for _ in range(args.runs)]
+    modes = {"thinktalk": StepMode.EAGER}
+    if args.compile:
+        modes["compiled"] = StepMode.COMPILED
+    ours = {}
+    for name, mode in modes.items():
+        start = time.perf_counter()
+        thinktalk_run(omni, 4, 4, args.chunk_frames, mode)  # warm-up (and, compiled, the compile)
+        if mode is StepMode.COMPILED:
+            print(f"compiling the code predictor's stack runs (warm-up reply included): "
+                  f"{time.perf_counter() - start:.1f} s")
+        ours[name] = [thinktalk_run(omni, args.thinker_tokens, args.talker_tokens, args.chunk_frames, mode)
+                      for _ in range(args.runs)]
     theirs = [reference_run(reference, ids, args.thinker_tokens, args.talker_tokens) for _ in range(args.runs)]
-    first = statistics.median(r[0] for r in ours)
-    total, audio = statistics.median(r[1] for r in ours), ours[0][2]
+    audio = ours["thinktalk"][0][2]
     ref_total, ref_audio = statistics.median(r[0] for r in theirs), theirs[0][1]
     print(f"tiny random checkpoint, CPU float32, {args.threads} thread(s), greedy, {args.thinker_tokens} text tokens, "
           f"{audio:.2f} s of speech; median of {args.runs} runs")
     print(f"{'':10} {'first audio s':>14} {'total s':>9} {'RTF':>7}")
-    print(f"{'thinktalk':10} {first:14.3f} {total:9.3f} {total / audio:7.3f}")
+    for name, runs in ours.items():
+        first, total = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        print(f"{name:10} {first:14.3f} {total:9.3f} {total / audio:7.3f}")
     print(f"{'reference':10} {ref_total:14.3f} {ref_total:9.3f} {ref_total / ref_audio:7.3f}")
-    print(f"{'ratio':10} {ref_total / first:13.1f}x {ref_total / total:8.1f}x")
+    for name, runs in ours.items():
+        first, total = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        print(f"{'ratio ' + name:10} {ref_total / first:13.1f}x {ref_total / total:8.1f}x")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from checkpoints import strengthen_, tiny_config_dict
 from thinktalk.config import SamplingConfig, parse_config
 from thinktalk.engine.sampler import Sampler, first_argmax
-from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs
+from thinktalk.engine.thinker_runner import DecodeAndPick, DecodeStep, ThinkerRunner, text_prefill_inputs
 from thinktalk.layers.moe import SparseMoe, experts_gathered
 from thinktalk.models.thinker import Thinker
 
@@ -75,7 +75,8 @@ def test_decode_steps_trace_into_one_graph(thinker):
     tokens = runner.prefill(text_prefill_inputs(thinker, prompts, CPU))[0].argmax(-1)
     sampler = Sampler(SamplingConfig(repetition_penalty=1.2), 2, thinker.cfg.text.vocab_size, CPU)
     with torch.inference_mode():
-        for step, args in [(runner._eager_step, (tokens,)), (runner._eager_step_and_pick, (tokens, sampler))]:
+        step = DecodeStep(thinker, runner.cache, runner.cursor, rows=2)
+        for step, args in [(step, (tokens,)), (DecodeAndPick(step), (tokens, sampler))]:
             explained = torch._dynamo.explain(step)(*args)
             assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 

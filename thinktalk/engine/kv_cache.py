@@ -10,15 +10,36 @@ class LayerCaches:
 
     def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.batch, self.max_len = batch, max_len
+        self._use([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
+                  [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
+
+    def _use(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        self.k, self.v = k, v
+        self.batch, self.max_len = k[0].shape[0], k[0].shape[2]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
 
+    def first_rows(self, rows: int) -> "LayerCaches":
+        """The same memory seen as a cache of rows [0, rows) (views, no copy): a decode step over the leading rows
+        of a batch reads and writes only those rows."""
+        assert 1 <= rows <= self.batch, (rows, self.batch)
+        if rows == self.batch:
+            return self
+        view = object.__new__(LayerCaches)  # no allocation: the views share this cache's memory
+        view._use([t[:rows] for t in self.k], [t[:rows] for t in self.v])
+        return view
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def copy_row(self, row: int, source: "LayerCaches", source_row: int, length: int) -> None:
+        """Slots [0, length) of `source`'s row `source_row` -> this cache's row `row`, every layer (device copies).
+        Lets a prompt prefilled alone join a shared batch; the row's later slots keep stale values that its
+        cursor never lets a query see."""
+        assert length <= min(self.max_len, source.max_len), (length, self.max_len, source.max_len)
+        for mine, theirs in zip(self.k + self.v, source.k + source.v, strict=True):
+            mine[row, :, :length].copy_(theirs[source_row, :, :length])
 
 
 class CacheCursor:
@@ -41,11 +62,23 @@ class CacheCursor:
         self.rope_deltas.copy_(rope_deltas)
         return torch.arange(seq, device=self.key_slots.device).expand(lengths.numel(), seq)
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One decode step: (slots (batch, 1), positions (3, batch, 1), mask (batch, 1, 1, max_len)); then the
-        rows advance by one."""
-        slots = self.lengths.unsqueeze(1).clone()
-        positions = (self.lengths + self.rope_deltas).view(1, -1, 1).expand(3, -1, 1)
+    def place(self, row: int, length: torch.Tensor, rope_delta: torch.Tensor) -> None:
+        """Row `row` now holds a prompt of `length` tokens (0-d device tensors: no host synchronisation)."""
+        self.lengths[row] = length
+        self.rope_deltas[row] = rope_delta
+
+    def park(self, idle: torch.Tensor) -> None:
+        """idle: (batch,) bool. Idle rows go back to slot 0, so that the harmless writes of a step they take part
+        in (static shapes) stay inside the cache however long they idle."""
+        self.lengths.masked_fill_(idle, 0)
+
+    def step(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step of rows [0, rows) (default: all): (slots (rows, 1), positions (3, rows, 1),
+        mask (rows, 1, 1, max_len)); then those rows advance by one."""
+        lengths = self.lengths if rows is None else self.lengths[:rows]  # a view: add_ advances the cursor itself
+        deltas = self.rope_deltas if rows is None else self.rope_deltas[:rows]
+        slots = lengths.unsqueeze(1).clone()
+        positions = (lengths + deltas).view(1, -1, 1).expand(3, -1, 1)
         mask = self.key_slots.view(1, 1, 1, -1) <= slots.view(-1, 1, 1, 1)
-        self.lengths.add_(1)
+        lengths.add_(1)
         return slots, positions, mask

@@ -6,14 +6,26 @@
 A frame's codes need only the talker's state, not the next text token, so a frame leaves for Code2Wav before the
 thinker has written the token the next talker step consumes. codebook 0 never takes the top 1,024 ids of the
 talker vocabulary (control codes), except codec EOS, which ends the speech.
+
+Both per-frame steps are `CapturedStep`s (engine/graphs.py), in the session's `mode`:
+    GRAPH (the default on CUDA)  the talker step is one CUDA graph, the whole 15-step code-predictor pass another
+    COMPILED (CPU, opt in)       the code predictor's decoder-stack runs are compiled (two graphs: its 2-token
+                                 prefill and its single-token step); lm heads, embeddings and the sampler stay eager,
+                                 so a drawing sampler keeps its torch.Generator. The talker step stays eager: its
+                                 cache length follows the prompt, so each new prompt length would recompile.
+    EAGER (the default on CPU)   plain calls
+All three compute the same codes (see tests/test_captured_steps.py).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
 from ..config import OmniConfig, SamplingConfig, code_predictor_sampling
 from ..models.talker import Talker
+from .graphs import CapturedStep, StepMode, default_mode
 from .kv_cache import CacheCursor, LayerCaches
 from .sampler import Sampler
 from .talker_prompt import TalkerPrefill
@@ -21,16 +33,55 @@ from .talker_prompt import TalkerPrefill
 CONTROL_CODES = 1024  # the talker vocabulary's top ids are control codes, never sampled as audio
 
 
+class FramePass:
+    """One session's code-predictor pass, frame after frame, over its own workspace (KV cache, positions).
+
+    (talker hidden (batch, hidden), code0 (batch,)) -> (codes (batch, G), codec embedding sum (batch, hidden)).
+    GRAPH captures the whole pass, sampler draws included; COMPILED compiles only the decoder-stack runs.
+    """
+
+    def __init__(self, talker: Talker, batch: int, sampler: Sampler, mode: StepMode):
+        self.workspace = talker.code_predictor.workspace(batch)
+        device = talker.codec_head.weight.device
+        run_stack = None
+        if mode is StepMode.COMPILED:
+            run_stack = CapturedStep(talker.code_predictor.run_stack, mode, device)
+            mode = StepMode.EAGER
+        # A partial, not a bound method of this object: no reference cycle keeps a captured graph's memory alive
+        # after the session is dropped.
+        frame = partial(talker.complete_frame, ws=self.workspace, sampler=sampler, run_stack=run_stack)
+        self.step = CapturedStep(frame, mode, device, generators=[sampler.generator])
+
+    def __call__(self, hidden: torch.Tensor, code0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs follow CapturedStep's lifetime rule: valid until the next call."""
+        return self.step(hidden, code0)
+
+
+class TalkerStep:
+    """One talker decode step over a session's cache: (codec_sum, text_embed), (1, hidden) each, -> (the final-normed
+    hidden state (1, hidden), the next frame's code0 (1,)). Static shapes, no host synchronisation."""
+
+    def __init__(self, talker: Talker, cache: LayerCaches, cursor: CacheCursor, sampler: Sampler):
+        self.talker, self.cache, self.cursor, self.sampler = talker, cache, cursor, sampler
+
+    def __call__(self, codec_sum: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots, positions, mask = self.cursor.step()
+        hidden, logits = self.talker((codec_sum + text_embed).unsqueeze(1), positions, mask, self.cache, slots)
+        return hidden[:, -1], self.sampler(logits[:, -1])
+
+
 class TalkerSession:
+    """mode: how the per-frame steps run (engine/graphs.py: StepMode); None = the device's default."""
+
     def __init__(self, talker: Talker, cfg: OmniConfig, prefill: TalkerPrefill, sampling: SamplingConfig,
-                 seed: int | None = None):
+                 seed: int | None = None, mode: StepMode | None = None):
         weight = talker.codec_head.weight
         self.talker, self.cfg, self.device = talker, cfg.talker, weight.device
+        self.mode = default_mode(self.device) if mode is None else mode
         self.max_frames = sampling.max_new_tokens
         seq = prefill.embeds.shape[1]
         self.cache = LayerCaches(cfg.talker.text, 1, seq + self.max_frames + 1, weight.dtype, weight.device)
         self.cursor = CacheCursor(1, self.cache.max_len, weight.device)
-        self.workspace = talker.code_predictor.workspace(1)
         vocab = cfg.talker.text.vocab_size
         suppress = torch.tensor([i for i in range(vocab - CONTROL_CODES, vocab) if i != cfg.talker.codec_eos_id],
                                 device=weight.device)
@@ -38,6 +89,11 @@ class TalkerSession:
         residual_seed = None if seed is None else seed + 1
         self.residual_sampler = Sampler(code_predictor_sampling(sampling), 1, cfg.talker.code_predictor.vocab_size,
                                         weight.device, seed=residual_seed)
+        self.frame_pass = FramePass(talker, 1, self.residual_sampler, self.mode)
+        # Compiled, the talker step would recompile for every prompt length (its cache length): kept eager.
+        step_mode = StepMode.EAGER if self.mode is StepMode.COMPILED else self.mode
+        self.step = CapturedStep(TalkerStep(talker, self.cache, self.cursor, self.code0_sampler), step_mode,
+                                 self.device, generators=[self.code0_sampler.generator])
         self.frames = 0
         self._start(prefill)
 
@@ -56,15 +112,15 @@ class TalkerSession:
 
     @torch.inference_mode()
     def complete(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (this frame's codes (1, groups), the codec part of the next input (1, hidden))."""
+        """-> (this frame's codes (1, groups), the codec part of the next input (1, hidden)). Both are the
+        caller's to keep (clones of a captured pass's static outputs)."""
         assert not self.finished
-        codes, codec_sum = self.talker.complete_frame(self.hidden, self.code0, self.workspace, self.residual_sampler)
+        codes, codec_sum = self.frame_pass(self.hidden, self.code0)
         self.frames += 1
-        return codes, codec_sum
+        return codes.clone(), codec_sum.clone()
 
     @torch.inference_mode()
     def advance(self, codec_sum: torch.Tensor, text_embed: torch.Tensor) -> None:
-        """One talker step on the finished frame plus the text for it; samples the next frame's code0."""
-        slots, positions, mask = self.cursor.step()
-        hidden, logits = self.talker((codec_sum + text_embed).unsqueeze(1), positions, mask, self.cache, slots)
-        self.hidden, self.code0 = hidden[:, -1], self.code0_sampler(logits[:, -1])
+        """One talker step on the finished frame plus the text for it; samples the next frame's code0.
+        codec_sum, text_embed: (1, hidden). The session keeps the step's outputs only until the next step."""
+        self.hidden, self.code0 = self.step(codec_sum, text_embed)

@@ -5,15 +5,23 @@ loader stacks them):
     experts.gate_up_proj: (num_experts, 2 * intermediate, hidden)   rows [gate; up]
     experts.down_proj:    (num_experts, hidden, intermediate)
 
-Routing: softmax over all experts in float32, top-k, renormalised when `norm_topk_prob`. The (token, expert)
-assignments are sorted by expert, so each expert sees its tokens as one contiguous block of rows. Then:
-  - on an accelerator, one grouped matmul per projection over all experts: no Python loop and no host
-    synchronisation, so the same code runs in prefill and in a captured decode step;
-  - on the CPU, where a host sync costs nothing and torch's grouped GEMM walks every expert (even idle ones),
-    one loop over the experts that received tokens, each doing its whole block at once (measured 2-10x faster);
-  - on the CPU inside torch.compile, where a host sync would split the graph: no sort at all, each (token, slot)
-    gathers its expert's matrices (`experts_gathered`), which inductor fuses into the products.
+Routing: softmax over all experts in float32, top-k, renormalised when `norm_topk_prob`. Four ways to apply the
+experts (`ExpertPath`; `choose_path` picks one, a caller or test may name another):
+  - GROUPED (sm90+ GPU in bfloat16): the (token, expert) assignments sorted by expert, so each expert sees its
+    tokens as one contiguous block of rows, then one grouped matmul (F.grouped_mm) per projection over all
+    experts: no Python loop and no host synchronisation, so the same code runs in prefill and in a captured
+    decode step. F.grouped_mm also runs on the CPU in bfloat16 when row strides are 16-byte aligned, which is
+    how tests check this path without a GPU;
+  - ROW_GATHER (other accelerators): the same sort, then each row multiplies by its expert's gathered matrix;
+    sync-free too;
+  - BLOCKS (the CPU), where a host sync costs nothing and torch's grouped GEMM walks every expert (even idle ones):
+    the same sort, then one loop over the experts that received tokens, each doing its whole block at once
+    (measured 2-10x faster);
+  - GATHERED (the CPU inside torch.compile), where a host sync would split the graph: no sort at all, each
+    (token, slot) gathers its expert's matrices (`experts_gathered`), which inductor fuses into the products.
 """
+
+import enum
 
 import torch
 import torch.nn.functional as F
@@ -23,22 +31,37 @@ from ..config import MoeConfig
 from .mlp import GatedMLP
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor,
-                   expert_of_row: torch.Tensor) -> torch.Tensor:
-    """Row r of x (sorted by expert) times weight[expert_of_row[r]].T.
+class ExpertPath(enum.Enum):
+    GROUPED = "grouped"  # sorted rows, F.grouped_mm per projection
+    ROW_GATHER = "row_gather"  # sorted rows, each times its expert's gathered matrix
+    BLOCKS = "blocks"  # sorted rows, one matmul per active expert (host loop)
+    GATHERED = "gathered"  # unsorted (token, slot) pairs with gathered matrices, for compiled CPU steps
 
-    x: (rows, in); weight: (experts, out, in); group_ends: (experts,) int32 cumulative row counts.
-    Uses torch's grouped GEMM where the device supports it, else gathers each row's expert matrix (the same
-    bytes a batch-1 decode must read anyway).
+
+def choose_path(x: torch.Tensor) -> ExpertPath:
+    """The path for activations x on their device, as the module doc describes."""
+    if x.device.type == "cpu":
+        return ExpertPath.GATHERED if torch.compiler.is_compiling() else ExpertPath.BLOCKS
+    if (hasattr(F, "grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        return ExpertPath.GROUPED
+    return ExpertPath.ROW_GATHER
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """Row r of x (sorted by expert) times weight[e].T for the expert e whose group holds r. -> (rows, out).
+
+    x: (rows, in); weight: (experts, out, in); group_ends: (experts,) int32 cumulative row counts (an expert with
+    no rows repeats the previous end). F.grouped_mm needs bfloat16 and 16-byte aligned strides (in, out multiples
+    of 8).
     """
-    if _grouped_mm_supported(x):
-        return F.grouped_mm(x, weight.transpose(-2, -1), offs=group_ends)
+    return F.grouped_mm(x, weight.transpose(-2, -1), offs=group_ends)
+
+
+def row_gather_matmul(x: torch.Tensor, weight: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+    """Row r of x times weight[expert_of_row[r]].T, gathering each row's expert matrix (the same bytes a batch-1
+    decode must read anyway). x: (rows, in); weight: (experts, out, in) -> (rows, out)."""
     return torch.bmm(weight[expert_of_row], x.unsqueeze(-1)).squeeze(-1)
-
-
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    return (hasattr(F, "grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def experts_gathered(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
@@ -95,9 +118,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        # x: (tokens, hidden); weights, experts: (tokens, top_k)
-        if x.device.type == "cpu" and torch.compiler.is_compiling():
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                path: ExpertPath | None = None) -> torch.Tensor:
+        """x: (tokens, hidden); weights, experts: (tokens, top_k); path: None = `choose_path(x)`. -> (tokens, hidden)"""
+        path = choose_path(x) if path is None else path
+        if path is ExpertPath.GATHERED:
             # Traced into a compiled step, where the block path's host sync would split the graph. Inductor
             # fuses the gather into the matrix-vector products, so no expert matrix is copied.
             return experts_gathered(x, weights, experts, self.gate_up_proj, self.down_proj)
@@ -110,11 +135,14 @@ class Experts(nn.Module):
         group_ends = counts.cumsum(0, dtype=torch.int32)
         token_of_row = order // top_k
         rows = x[token_of_row]  # (tokens * top_k, hidden), grouped by expert
-        if x.device.type == "cpu":
+        if path is ExpertPath.BLOCKS:
             out = experts_by_block(rows, self.gate_up_proj, self.down_proj, group_ends)
+        elif path is ExpertPath.GROUPED:
+            gate, up = grouped_matmul(rows, self.gate_up_proj, group_ends).chunk(2, dim=-1)
+            out = grouped_matmul(F.silu(gate) * up, self.down_proj, group_ends)
         else:
-            gate, up = grouped_matmul(rows, self.gate_up_proj, group_ends, expert_of_row).chunk(2, dim=-1)
-            out = grouped_matmul(F.silu(gate) * up, self.down_proj, group_ends, expert_of_row)
+            gate, up = row_gather_matmul(rows, self.gate_up_proj, expert_of_row).chunk(2, dim=-1)
+            out = row_gather_matmul(F.silu(gate) * up, self.down_proj, expert_of_row)
         out = out * weights.reshape(-1)[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of_row, out.to(x.dtype))
 

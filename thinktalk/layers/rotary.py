@@ -11,15 +11,17 @@ import torch
 from torch import nn
 
 
-def mrope_axis_of_frequency(num_freqs: int, section: tuple[int, int, int] | None) -> torch.Tensor:
-    """(num_freqs,) long tensor: which position axis (0=T, 1=H, 2=W) drives each rotary frequency."""
-    axis = torch.zeros(num_freqs, dtype=torch.long)
+def mrope_axis_of_frequency(num_freqs: int, section: tuple[int, int, int] | None,
+                            device: torch.device | None = None) -> torch.Tensor:
+    """(num_freqs,) long tensor on `device`: which position axis (0=T, 1=H, 2=W) drives each rotary frequency.
+    Built on the device with where() (a boolean-mask assignment would synchronise with the host, and a copy from
+    the host per forward could not be captured in a CUDA graph)."""
+    i = torch.arange(num_freqs, device=device)
+    axis = torch.zeros_like(i)
     if section is None:
         return axis
-    i = torch.arange(num_freqs)
-    axis[(i % 3 == 1) & (i < 3 * section[1])] = 1
-    axis[(i % 3 == 2) & (i < 3 * section[2])] = 2
-    return axis
+    axis = torch.where((i % 3 == 1) & (i < 3 * section[1]), 1, axis)
+    return torch.where((i % 3 == 2) & (i < 3 * section[2]), 2, axis)
 
 
 class RotaryEmbedding(nn.Module):
@@ -43,7 +45,7 @@ class RotaryEmbedding(nn.Module):
         # angles per axis: (3|1, batch, seq, head_dim/2); then pick each frequency's axis.
         angles = positions.float().unsqueeze(-1) * inv_freq
         if positions.shape[0] == 3:
-            axis = mrope_axis_of_frequency(self.head_dim // 2, self.mrope_section).to(device)
+            axis = mrope_axis_of_frequency(self.head_dim // 2, self.mrope_section, device)
             freqs = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)
         else:
             freqs = angles[0]

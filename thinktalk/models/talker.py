@@ -20,7 +20,7 @@ from ..config import DecoderConfig, TalkerConfig
 from ..engine.kv_cache import LayerCaches
 from ..engine.sampler import Sampler
 from ..layers.decoder import DecoderStack
-from .code_predictor import CodePredictor, PredictorWorkspace
+from .code_predictor import CodePredictor, PredictorWorkspace, StackRun
 
 
 class ResizeMLP(nn.Module):
@@ -81,12 +81,13 @@ class Talker(nn.Module):
         return self.model.codec_embedding(ids)
 
     def complete_frame(self, hidden: torch.Tensor, code0: torch.Tensor, ws: PredictorWorkspace,
-                       sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden: (batch, hidden) the step's last hidden state; code0: (batch,) the codebook-0 code it chose.
+                       sampler: Sampler, run_stack: StackRun | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: (batch, hidden) the step's last hidden state; code0: (batch,) the codebook-0 code it chose;
+        run_stack: how the code predictor runs its decoder stack (see CodePredictor.predict).
 
         Returns the frame's codes (batch, G) and the codec part of the next talker input (batch, hidden): the sum
         of all G codebook embeddings. The caller adds the text embedding for the next step.
         """
         code0_embed = self.embed_codec(code0)
-        residual, residual_embed = self.code_predictor.predict(hidden, code0_embed, ws, sampler)
+        residual, residual_embed = self.code_predictor.predict(hidden, code0_embed, ws, sampler, run_stack)
         return torch.cat((code0.unsqueeze(1), residual), dim=1), code0_embed + residual_embed

@@ -1,0 +1,225 @@
+"""Captured, compiled and eager per-frame steps compute the same speech; the MoE's grouped path computes the same
+experts as the block path and a per-token loop.
+
+- The eager talker session against an independent slower path: the talker and the code predictor recomputed
+  over their whole sequences without a KV cache, frame after frame.
+- A compiled session (the code predictor's decoder-stack runs compiled on the CPU) against the eager one, greedy
+  and drawing with a seed: the same codes.
+- The MoE experts: the grouped-GEMM path (F.grouped_mm, which runs on the CPU in bfloat16 with aligned shapes),
+  the row-gather path and the block path against a per-token loop, an idle expert included.
+- CUDA only (skipped here): the captured talker step and code-predictor pass (CUDA graphs) against eager, greedy
+  and drawing; a captured thinker decode step (ThinkerRunner's step in a CapturedStep) against eager.
+
+The talker and thinker are the suite's tiny ones with strong random weights, built directly (no reference needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+
+from checkpoints import strengthen_, tiny_config_dict
+from thinktalk.config import SamplingConfig, parse_config
+from thinktalk.engine.graphs import CapturedStep, StepMode
+from thinktalk.engine.sampler import Sampler
+from thinktalk.engine.talker_prompt import TalkerPrefill
+from thinktalk.engine.talker_session import TalkerSession
+from thinktalk.engine.thinker_runner import DecodeStep, ThinkerRunner, text_prefill_inputs
+from thinktalk.layers.moe import ExpertPath, Experts
+from thinktalk.models.talker import Talker
+from thinktalk.models.thinker import Thinker
+
+FRAMES = 6
+PROMPT = 7
+HAS_CUDA = torch.cuda.is_available()
+HAS_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None  # inductor's CPU backend compiles C++
+GREEDY = SamplingConfig(do_sample=False, repetition_penalty=1.05, max_new_tokens=FRAMES + 2)
+DRAW = SamplingConfig(do_sample=True, temperature=0.9, top_k=50, repetition_penalty=1.05, max_new_tokens=FRAMES + 2)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return parse_config(tiny_config_dict())
+
+
+@pytest.fixture(scope="module")
+def talker(cfg) -> Talker:
+    model = Talker(cfg.talker).eval()
+    strengthen_(model, seed=5)
+    return model
+
+
+def random_prefill(cfg, device: torch.device, seed: int = 0) -> TalkerPrefill:
+    gen = torch.Generator().manual_seed(seed)
+    hidden = cfg.talker.text.hidden_size
+    positions = torch.arange(PROMPT, dtype=torch.float32).view(1, 1, -1).expand(3, 1, PROMPT)
+    return TalkerPrefill(torch.randn(1, PROMPT, hidden, generator=gen).to(device), positions.to(device), 0.0,
+                         torch.randn(3, hidden, generator=gen).to(device))
+
+
+def text_inputs(cfg, device: torch.device) -> torch.Tensor:
+    """(FRAMES, 1, hidden) stand-ins for the projected reply tokens the talker steps read."""
+    gen = torch.Generator().manual_seed(11)
+    return torch.randn(FRAMES, 1, cfg.talker.text.hidden_size, generator=gen).to(device)
+
+
+def speak(session: TalkerSession, texts: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Up to FRAMES frames -> (codes (1, G) per frame, the talker hidden (1, hidden) each frame's pass read)."""
+    codes, hiddens = [], []
+    for text in texts:
+        if session.finished:
+            break
+        hiddens.append(session.hidden.clone())
+        frame, codec_sum = session.complete()
+        codes.append(frame)
+        session.advance(codec_sum, text)
+    return codes, hiddens
+
+
+def test_eager_session_equals_recomputation_without_cache(cfg, talker):
+    """Talker: each step's hidden state equals a cache-free pass over prompt + all step inputs so far.
+    Code predictor: each greedy code is the argmax of a cache-free pass over the frame's inputs."""
+    cpu = torch.device("cpu")
+    prefill, texts = random_prefill(cfg, cpu), text_inputs(cfg, cpu)
+    session = TalkerSession(talker, cfg, prefill, GREEDY, mode=StepMode.EAGER)
+    codes, hiddens = speak(session, texts)
+    assert len(codes) == FRAMES
+    predictor, groups = talker.code_predictor, cfg.talker.num_code_groups
+    inputs = prefill.embeds
+    with torch.inference_mode():
+        for frame, (code, hidden) in enumerate(zip(codes, hiddens)):
+            seq = inputs.shape[1]
+            positions = torch.arange(seq, dtype=torch.float32).view(1, 1, -1).expand(3, 1, seq)
+            full, _ = talker(inputs, positions)  # no cache: causal over the whole sequence
+            torch.testing.assert_close(hidden, full[:, -1], atol=1e-5, rtol=0)
+            embeds = [hidden, talker.embed_codec(code[:, 0])]
+            embeds += [predictor.model.codec_embedding[g - 1](code[:, g]) for g in range(1, groups - 1)]
+            states, _ = predictor.model.run_layers(torch.stack(embeds, dim=1), torch.arange(groups).view(1, -1))
+            picked = [predictor.lm_head[g - 1](states[:, g]).argmax(-1) for g in range(1, groups)]
+            assert torch.equal(code[:, 1:], torch.stack(picked, dim=1)), frame
+            codec_sum = talker.embed_codec(code[:, 0]) + sum(
+                predictor.model.codec_embedding[g - 1](code[:, g]) for g in range(1, groups))
+            inputs = torch.cat((inputs, (codec_sum + texts[frame]).unsqueeze(1)), dim=1)
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("params", [GREEDY, DRAW], ids=["greedy", "draw"])
+def test_compiled_session_speaks_the_eager_codes(cfg, talker, params):
+    cpu = torch.device("cpu")
+    results = []
+    for mode in (StepMode.EAGER, StepMode.COMPILED):
+        session = TalkerSession(talker, cfg, random_prefill(cfg, cpu), params, seed=3, mode=mode)
+        results.append(speak(session, text_inputs(cfg, cpu)))
+    (eager_codes, eager_hidden), (compiled_codes, compiled_hidden) = results
+    assert len(eager_codes) == len(compiled_codes) >= FRAMES - 1
+    assert torch.equal(torch.cat(compiled_codes), torch.cat(eager_codes))
+    torch.testing.assert_close(torch.cat(compiled_hidden), torch.cat(eager_hidden), atol=1e-5, rtol=0)
+
+
+def test_graph_mode_needs_cuda():
+    with pytest.raises(ValueError, match="cpu"):
+        CapturedStep(torch.neg, StepMode.GRAPH, torch.device("cpu"))
+
+
+def naive_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """One token and one slot at a time, in float32."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for slot in range(chosen.shape[1]):
+            e = int(chosen[t, slot])
+            gate, up = (experts.gate_up_proj[e].float() @ x[t].float()).chunk(2)
+            out[t] += weights[t, slot].float() * (experts.down_proj[e].float() @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+def test_grouped_experts_equal_blocks_and_a_token_loop():
+    """bfloat16 on the CPU, widths multiples of 8 (16-byte rows, as F.grouped_mm needs); expert 3 gets no token."""
+    num_experts, hidden, inter, tokens, top_k = 6, 32, 16, 9, 2
+    gen = torch.Generator().manual_seed(0)
+    experts = Experts(num_experts, hidden, inter)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=gen) / hidden ** 0.5)
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=gen) / inter ** 0.5)
+    experts = experts.bfloat16()
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    busy = torch.tensor([0, 1, 2, 4, 5])  # expert 3 idles
+    chosen = torch.stack([busy[torch.randperm(busy.numel(), generator=gen)[:top_k]] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen).softmax(-1).bfloat16()
+    with torch.inference_mode():
+        out = {path: experts(x, weights, chosen, path=path).float()
+               for path in (ExpertPath.GROUPED, ExpertPath.BLOCKS, ExpertPath.ROW_GATHER)}
+        expected = naive_experts(experts, x, weights, chosen)
+    assert expected.abs().max() > 0.1, "experts too weak for a meaningful comparison"
+    for path, got in out.items():  # bfloat16 products and sums: a few units in the last place
+        torch.testing.assert_close(got, expected, atol=3e-2, rtol=2e-2, msg=f"{path}")
+    torch.testing.assert_close(out[ExpertPath.GROUPED], out[ExpertPath.BLOCKS], atol=0, rtol=0)
+
+
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+
+
+@cuda
+@pytest.mark.parametrize("params", [GREEDY, DRAW], ids=["greedy", "draw"])
+def test_captured_session_speaks_the_eager_codes(cfg, talker, params):
+    device = torch.device("cuda")
+    model = copy.deepcopy(talker).to(device)
+    results, sessions = [], []
+    for mode in (StepMode.EAGER, StepMode.GRAPH):
+        session = TalkerSession(model, cfg, random_prefill(cfg, device), params, seed=3, mode=mode)
+        results.append(speak(session, text_inputs(cfg, device)))
+        sessions.append(session)
+    (eager_codes, eager_hidden), (graph_codes, graph_hidden) = results
+    assert sessions[1].step.captured and sessions[1].frame_pass.step.captured
+    assert len(eager_codes) == len(graph_codes) >= FRAMES - 1
+    assert torch.equal(torch.cat(graph_codes), torch.cat(eager_codes))
+    torch.testing.assert_close(torch.cat(graph_hidden), torch.cat(eager_hidden), atol=1e-6, rtol=0)
+
+
+@cuda
+@pytest.mark.parametrize("params", [SamplingConfig(repetition_penalty=1.2),
+                                    SamplingConfig(do_sample=True, top_k=20, top_p=0.9)], ids=["greedy", "draw"])
+def test_captured_thinker_step_equals_eager(params):
+    """ThinkerRunner's decode step plus its sampler, captured, against the same eagerly; logits and tokens."""
+    device, steps = torch.device("cuda"), 6
+    thinker = Thinker(parse_config(tiny_config_dict(talker=False)).thinker).eval()
+    strengthen_(thinker, seed=3)
+    thinker = thinker.to(device)
+    prompts = [[5, 9, 200, 7], [3, 1, 4, 1, 5, 9, 2, 6]]
+    vocab = thinker.cfg.text.vocab_size
+    picked, logits = [], []
+    for mode in (StepMode.EAGER, StepMode.GRAPH):
+        runner = ThinkerRunner(thinker, 2, 8 + steps)
+        sampler = Sampler(params, 2, vocab, device, seed=7)
+
+        runner_step = DecodeStep(thinker, runner.cache, runner.cursor, rows=2)
+
+        def step_and_pick(tokens, runner_step=runner_step, sampler=sampler):  # (rows,) -> logits (rows, vocab), (rows,)
+            logits = runner_step(tokens)
+            return logits, sampler(logits)
+
+        step = CapturedStep(step_and_pick, mode, device, generators=[sampler.generator])
+        with torch.inference_mode():
+            tokens = sampler(runner.prefill(text_prefill_inputs(thinker, prompts, device))[0])
+            seq, outs = [tokens], []
+            for _ in range(steps):
+                out, tokens = step(tokens)
+                seq.append(tokens.clone())
+                outs.append(out.clone())
+        assert step.captured == (mode is StepMode.GRAPH)
+        picked.append(torch.stack(seq))
+        logits.append(torch.stack(outs))
+    assert torch.equal(picked[1], picked[0])
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=0)
+
+
+@cuda
+def test_captured_step_rejects_another_shape():
+    device = torch.device("cuda")
+    step = CapturedStep(lambda x: x * 2, StepMode.GRAPH, device, warmup=0)
+    assert torch.equal(step(torch.ones(3, device=device)), torch.full((3,), 2.0, device=device))
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        step(torch.ones(4, device=device))
