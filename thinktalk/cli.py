@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow file:// media URLs under DIR")
     serve.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (public hosts)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    serve.add_argument("--batch-rows", type=int, default=None, metavar="N",
+                       help="concurrent requests sharing one thinker decode step (default: the server's most "
+                            "active requests, 8; 0: every request decodes alone)")
+    serve.add_argument("--batch-max-len", type=int, default=None, metavar="L",
+                       help="prompt + reply tokens per batch row; longer requests decode alone (default: 4096)")
+    serve.add_argument("--compile", action="store_true", help="compile the shared decode step (torch.compile)")
     serve.set_defaults(handler=cmd_serve)
     return parser
 
@@ -290,10 +296,17 @@ def cmd_info(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from .engine.decode_batch import DEFAULT_MAX_LEN
     from .serve.app import run_server
 
+    if args.batch_rows is not None and args.batch_rows < 0:
+        raise ValueError(f"--batch-rows must be >= 0 (0 turns batching off), got {args.batch_rows}")
+    max_len = DEFAULT_MAX_LEN if args.batch_max_len is None else args.batch_max_len
+    if max_len < 2:
+        raise ValueError(f"--batch-max-len must be at least 2, got {max_len}")
     run_server(args.model, args.host, args.port, args.device, args.served_model_name, args.api_key,
-               args.allowed_local_media_path, args.allow_remote_media, dtype=args.dtype)
+               args.allowed_local_media_path, args.allow_remote_media, dtype=args.dtype, batch_rows=args.batch_rows,
+               batch_max_len=max_len, compile=args.compile)
 
 
 def _parameter_count(cfg) -> int:

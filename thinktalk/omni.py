@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .config import OmniConfig, SamplingConfig, load_config
+from .engine.decode_batch import SharedDecodeBatch
 from .engine.sampler import Sampler
 from .engine.multimodal_inputs import multimodal_prefill_inputs
 from .engine.pipeline import AudioChunk, ReplyTrace, SpeechOptions, TextDelta, stream_reply
@@ -100,6 +101,7 @@ class Omni:
         self.cfg, self.model, self.tokenizer, self.path, self.media = cfg, model, tokenizer, path, media
         self.device = model.thinker.lm_head.weight.device
         self.dtype = model.thinker.lm_head.weight.dtype
+        self._batching: SharedDecodeBatch | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, audio_output: bool | None = None,
@@ -119,6 +121,25 @@ class Omni:
         media = MediaOptions(AudioFeatureConfig.from_dir(directory), VisionProcessorConfig.from_dir(directory),
                              allow_remote=allow_remote_media)
         return cls(cfg, model, tokenizer, directory, media)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Continuous batching
+
+    def enable_batching(self, rows: int, max_len: int, compile: bool = False) -> SharedDecodeBatch:
+        """From now on, streams (`stream`, spoken `generate`) decode in rows of one shared (rows, max_len) batch:
+        concurrent streams advanced by one thread (as the server's worker does) share each decode step. A stream
+        that finds no free row, or whose prompt + max_new_tokens exceeds max_len, runs alone; the tokens are the
+        same either way. compile=True compiles the shared step once (see ThinkerRunner)."""
+        self._batching = SharedDecodeBatch(self.model.thinker, rows, max_len, compile)
+        return self._batching
+
+    def disable_batching(self) -> None:
+        """New streams run alone again (streams holding rows keep them until they end)."""
+        self._batching = None
+
+    @property
+    def batching(self) -> SharedDecodeBatch | None:
+        return self._batching
 
     # ------------------------------------------------------------------------------------------------------------
     # Text generation
@@ -238,7 +259,8 @@ class Omni:
             return piece + detok.flush() if final else piece
 
         trace = ReplyTrace()
-        yield from stream_reply(self.model, self.cfg, prompt, params, seed, stops, speech, detokenize, trace)
+        yield from stream_reply(self.model, self.cfg, prompt, params, seed, stops, speech, detokenize, trace,
+                                self._batching)
         result = self._result(prompt, trace.token_ids, stops, params)
         if speech is not None:
             audio = np.concatenate(trace.audio) if trace.audio else np.zeros(0, dtype=np.float32)

@@ -5,13 +5,15 @@
     loop: talker step k needs reply token k+1: the thinker decodes until it has it (TextDelta each), then
           the talker advances and completes frame k+1 -> Code2Wav (an AudioChunk every `chunk_frames` frames)
     after codec EOS the thinker finishes its text; Done carries the whole result.
-Text always leads speech. Stopping the iteration early (closing the generator) drops every cache with it.
+Text always leads speech. Stopping the iteration early (closing the generator) drops every cache with it and gives
+a leased row of the shared decode batch back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,11 +22,13 @@ from ..config import OmniConfig, SamplingConfig
 from ..models.omni import OmniModel
 from ..models.code2wav import Code2WavStream
 from ..processing.multimodal import PreparedPrompt
+from .decode_batch import SharedDecodeBatch
+from .graphs import StepMode
 from .multimodal_inputs import multimodal_prefill_inputs
 from .sampler import Sampler
 from .talker_prompt import build_talker_prefill
 from .talker_session import TalkerSession
-from .thinker_runner import ThinkerRunner
+from .thinker_runner import PrefillInputs, ThinkerRunner
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class SpeechOptions:
     sampling: SamplingConfig
     chunk_frames: int = 1  # frames per Code2Wav call (and per AudioChunk)
     seed: int | None = None
+    step_mode: StepMode | None = None  # how the talker steps run (engine/graphs.py); None = device default
 
 
 @dataclass
@@ -57,35 +62,78 @@ class ReplyTrace:
     audio: list[np.ndarray] = field(default_factory=list)
 
 
+class TokenSource(Protocol):
+    """Where a reply's thinker tokens come from: a row of the shared decode batch, or a private runner."""
+
+    kept: torch.Tensor | None  # (1, seq, hidden) hidden states the prefill kept for the talker, or None
+
+    def next_token(self) -> int:
+        """The reply's next token; the first comes from the prefill."""
+
+    def close(self) -> None:
+        """Frees what the source holds; safe to call more than once."""
+
+
+class PrivateDecode:
+    """A reply's own batch-1 runner: no shared batch, or the request does not fit it."""
+
+    def __init__(self, thinker, inputs: PrefillInputs, sampler: Sampler, budget: int):
+        self.runner = ThinkerRunner(thinker, 1, inputs.embeds.shape[1] + budget)
+        self.sampler = sampler
+        logits, self.kept = self.runner.prefill(inputs)
+        self.last = sampler(logits)
+        self.fresh = True  # the prefill's token is not taken yet
+
+    def next_token(self) -> int:
+        if self.fresh:
+            self.fresh = False
+        else:
+            self.last = self.sampler(self.runner.decode_step(self.last))
+        return int(self.last)
+
+    def close(self) -> None:
+        """Nothing shared to give back: the cache goes with this object."""
+
+
 class ThinkerStream:
-    """The thinker's side of one reply: prefill, then one token per `next()`, stopping at a stop id or budget."""
+    """The thinker's side of one reply: prefill, then one token per `next()`, stopping at a stop id or budget.
+
+    With a SharedDecodeBatch the reply leases one of its rows (released when the thinker is done or `close()` is
+    called); without one, or when no row is free or the reply would not fit a row, it runs a private runner. The
+    tokens are the same either way."""
 
     def __init__(self, model: OmniModel, prompt: PreparedPrompt, sampling: SamplingConfig, seed: int | None,
-                 stops: set[int], keep_hidden: int | None):
+                 stops: set[int], keep_hidden: int | None, batch: SharedDecodeBatch | None = None):
         thinker = model.thinker
-        self.runner = ThinkerRunner(thinker, 1, len(prompt.token_ids) + sampling.max_new_tokens)
         with torch.inference_mode():
             self.inputs = multimodal_prefill_inputs(thinker, [prompt])
         self.inputs.keep_hidden = keep_hidden
-        self.sampler = Sampler(sampling, 1, thinker.cfg.text.vocab_size, self.runner.device, seed=seed)
-        self.sampler.observe(self.inputs.token_ids)
+        sampler = Sampler(sampling, 1, thinker.cfg.text.vocab_size, thinker.lm_head.weight.device, seed=seed)
+        sampler.observe(self.inputs.token_ids)
         self.budget, self.stops = sampling.max_new_tokens, stops
+        lease = batch.lease(self.inputs, sampler, self.budget, stops) if batch is not None else None
+        self.source: TokenSource = lease if lease is not None else PrivateDecode(thinker, self.inputs, sampler,
+                                                                                 self.budget)
+        self.leased = lease is not None
+        self.accepted_hidden = self.source.kept
         self.tokens: list[int] = []
         self.done = False
-        logits, self.accepted_hidden = self.runner.prefill(self.inputs)
-        self.last = self.sampler(logits)
-        self._record()
+        self._take()
 
-    def _record(self) -> None:
-        token = int(self.last)
+    def _take(self) -> None:
+        token = self.source.next_token()
         self.tokens.append(token)
         self.done = token in self.stops or len(self.tokens) >= self.budget
+        if self.done:
+            self.source.close()  # a leased row is free for the next request while this reply still speaks
 
     def next(self) -> int:
         assert not self.done
-        self.last = self.sampler(self.runner.decode_step(self.last))
-        self._record()
+        self._take()
         return self.tokens[-1]
+
+    def close(self) -> None:
+        self.source.close()
 
     def is_final(self, index: int) -> bool:
         """Reply token `index` is the last one the thinker writes."""
@@ -94,16 +142,21 @@ class ThinkerStream:
 
 def stream_reply(model: OmniModel, cfg: OmniConfig, prompt: PreparedPrompt, sampling: SamplingConfig,
                  seed: int | None, stops: set[int], speech: SpeechOptions | None,
-                 detokenize, trace: ReplyTrace) -> Iterator[TextDelta | AudioChunk]:
-    """Yields TextDelta and AudioChunk events; fills `trace`. `detokenize(token_id, final) -> str`."""
+                 detokenize, trace: ReplyTrace, batch: SharedDecodeBatch | None = None
+                 ) -> Iterator[TextDelta | AudioChunk]:
+    """Yields TextDelta and AudioChunk events; fills `trace`. `detokenize(token_id, final) -> str`.
+    `batch`: decode in a row of this shared batch when one is free (closing the iterator frees the row)."""
     keep = cfg.talker.accept_hidden_layer if speech is not None else None
-    thinker = ThinkerStream(model, prompt, sampling, seed, stops, keep)
-    yield from _text(thinker, 0, detokenize, trace)
-    if speech is not None and not (thinker.done and thinker.tokens[0] in stops):
-        yield from _speak(model, cfg, prompt, thinker, speech, detokenize, trace)
-    while not thinker.done:
-        thinker.next()
-        yield from _text(thinker, len(thinker.tokens) - 1, detokenize, trace)
+    thinker = ThinkerStream(model, prompt, sampling, seed, stops, keep, batch)
+    try:
+        yield from _text(thinker, 0, detokenize, trace)
+        if speech is not None and not (thinker.done and thinker.tokens[0] in stops):
+            yield from _speak(model, cfg, prompt, thinker, speech, detokenize, trace)
+        while not thinker.done:
+            thinker.next()
+            yield from _text(thinker, len(thinker.tokens) - 1, detokenize, trace)
+    finally:
+        thinker.close()
 
 
 def _text(thinker: ThinkerStream, index: int, detokenize, trace: ReplyTrace) -> Iterator[TextDelta]:
@@ -122,7 +175,7 @@ def _speak(model: OmniModel, cfg: OmniConfig, prompt: PreparedPrompt, thinker: T
         first = embed(torch.tensor([thinker.tokens[0]], device=inputs.embeds.device))[0]
         prefill = build_talker_prefill(talker, cfg, inputs.token_ids[0], inputs.embeds[0], thinker.accepted_hidden[0],
                                        prompt.layout, prompt.use_audio_in_video, first, speech.speaker_id, embed)
-    session = TalkerSession(talker, cfg, prefill, speech.sampling, speech.seed)
+    session = TalkerSession(talker, cfg, prefill, speech.sampling, speech.seed, speech.step_mode)
     tts_eos, tts_pad = prefill.text_embeds[1], prefill.text_embeds[2]
     vocoder = Code2WavStream(model.code2wav)
     pending: list[torch.Tensor] = []

@@ -4,7 +4,8 @@
     POST /v1/audio/transcriptions multipart audio -> text (a chat request with Qwen's ASR instruction)
     GET  /v1/models, GET /health, GET /openapi.json
     WS   /v1/realtime and the web page at / (realtime.py), replies on the same engine worker
-One worker thread owns the model (see engine_worker.py). Every error is OpenAI's JSON error shape; tracebacks stay
+One worker thread owns the model (see engine_worker.py); the requests it interleaves share the thinker's decode steps
+(a SharedDecodeBatch, engine/decode_batch.py). Every error is OpenAI's JSON error shape; tracebacks stay
 in the server's log.
 """
 
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.decode_batch import DEFAULT_MAX_LEN, check_batching
 from ..omni import Omni
 from .audio_out import supported_formats
 from .chat import build_messages, require_model, stream_settings
@@ -56,7 +58,14 @@ class ServerState:
 
 def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | None = None,
                allowed_local_media_path: str | Path | None = None, allow_remote_media: bool = False,
-               limits: ServerLimits = ServerLimits()) -> FastAPI:
+               limits: ServerLimits = ServerLimits(), batch_rows: int | None = None,
+               batch_max_len: int = DEFAULT_MAX_LEN, compile: bool = False) -> FastAPI:
+    """`batch_rows`: rows of the thinker's shared decode batch (default: `limits.max_active`, so every running
+    request can hold one; 0 turns batching off); `batch_max_len`: cache slots per row (prompt + reply); `compile`:
+    compile the shared decode step (once, on the first step)."""
+    rows = limits.max_active if batch_rows is None else batch_rows
+    if rows != 0:
+        omni.enable_batching(rows, batch_max_len, compile)
     local = Path(allowed_local_media_path).expanduser().resolve(strict=True) if allowed_local_media_path else None
     if local is not None and not local.is_dir():
         raise NotADirectoryError(f"--allowed-local-media-path {local}: not a folder")
@@ -149,13 +158,18 @@ def _add_error_handlers(app: FastAPI) -> None:
 def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
                served_model_name: str | None = None, api_key: str | None = None,
                allowed_local_media_path: str | None = None, allow_remote_media: bool = False,
-               dtype: str | None = None, limits: ServerLimits = ServerLimits()) -> None:
+               dtype: str | None = None, limits: ServerLimits = ServerLimits(), batch_rows: int | None = None,
+               batch_max_len: int = DEFAULT_MAX_LEN, compile: bool = False) -> None:
     """Loads the model (default: the built-in demo checkpoint) and serves it until SIGINT / SIGTERM."""
     import uvicorn
+
+    if batch_rows != 0:  # bad values fail before the (possibly long) load
+        check_batching(limits.max_active if batch_rows is None else batch_rows, batch_max_len)
 
     from ..demo import ensure_demo_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     omni = Omni.from_pretrained(model if model is not None else ensure_demo_checkpoint(), device=device, dtype=dtype)
-    app = create_app(omni, served_model_name, api_key, allowed_local_media_path, allow_remote_media, limits)
+    app = create_app(omni, served_model_name, api_key, allowed_local_media_path, allow_remote_media, limits,
+                     batch_rows, batch_max_len, compile)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=10)

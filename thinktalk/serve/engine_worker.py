@@ -2,7 +2,9 @@
 
 Each request is a generator (an `Omni.stream(...)`), created on the worker thread by the request's factory. The
 worker advances the active generators round-robin, one event each per turn, and hands every event to the
-request's asyncio queue on the server's event loop. Admission is bounded: `max_active` generators run, at most
+request's asyncio queue on the server's event loop. With the thinker's shared decode batch enabled (the server's
+default), the first request of a turn that needs a token runs one decode step for every running request, and the
+others find theirs waiting. Admission is bounded: `max_active` generators run, at most
 `max_queued` more wait; beyond that `submit` raises `QueueFull` (the server answers 429). Cancelling a job (the
 client went away, or the server stops) closes its generator on the worker thread, which frees its caches.
 """
