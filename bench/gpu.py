@@ -1,0 +1,458 @@
+"""thinktalk against the reference (transformers) on one model with random weights, side by side, in one run.
+
+    python bench/gpu.py [--config full|tiny|CONFIG.json] [--device cuda|cpu] [--only thinker,talker,code2wav,speech]
+
+Builds thinktalk's OmniModel with strong random weights drawn on the device (thinktalk.random_weights; bf16 on
+CUDA) and the reference model on the meta device with every parameter set to thinktalk's tensor: one copy of the
+weights serves both (the full model is 70.5 GB; two copies would not fit an 80 GB GPU). Then, each row
+thinktalk | reference | ratio (how many times better thinktalk is):
+
+    thinker   prefill tok/s of a 2,500-token prompt; decode tok/s at batch 1, 8, 32 (greedy)
+    talker    frames/s: one talker step + one code-predictor pass (15 residual codes) per frame
+    code2wav  ms per frame: thinktalk streams one frame per call; the reference has only a one-shot decode
+    speech    a 5-second audio question, spoken reply: time to the first audio packet (cold = the first request
+              after start-up, then 1, 4 and 8 concurrent requests) and real-time factor at 1 and 16 concurrent.
+              thinktalk: Omni.stream generators advanced round-robin on one thread, sharing decode steps
+              (Omni.enable_batching), as its server does.
+              The reference has no streaming: its first packet is its whole reply; concurrent requests are one
+              batched generate() call.
+    memory    peak GPU memory of each engine's sections (both include the shared weights)
+
+Timing brackets work with torch.cuda.synchronize on CUDA. Every figure is the best of --runs runs, except the
+speech rows (one run each). On a GPU machine without the shared folder beside the checkout, pass the full config
+as a path: --config path/to/qwen3-omni-30b-a3b-instruct.config.json. `--config tiny --device cpu` runs every
+section in seconds (tests/test_bench_gpu.py runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from checkpoints import full_config_dict, tiny_config_dict  # noqa: E402
+from test_multimodal_parity import reference_inputs  # noqa: E402
+from thinker_cpu import TokenClock  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
+
+from thinktalk.config import SamplingConfig, parse_config  # noqa: E402
+from thinktalk.engine.graphs import StepMode, default_mode  # noqa: E402
+from thinktalk.engine.pipeline import AudioChunk, ThinkerStream  # noqa: E402
+from thinktalk.engine.sampler import Sampler  # noqa: E402
+from thinktalk.engine.talker_prompt import build_talker_prefill  # noqa: E402
+from thinktalk.engine.talker_session import TalkerSession  # noqa: E402
+from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs  # noqa: E402
+from thinktalk.models.code2wav import Code2WavStream  # noqa: E402
+from thinktalk.omni import Done, Omni  # noqa: E402
+from thinktalk.processing.audio import AudioFeatureConfig  # noqa: E402
+from thinktalk.processing.multimodal import MediaOptions  # noqa: E402
+from thinktalk.processing.tokenizer import Tokenizer, build_qwen_tokenizer_files  # noqa: E402
+from thinktalk.processing.vision import VisionProcessorConfig  # noqa: E402
+from thinktalk.random_weights import random_model, tied_reference  # noqa: E402
+
+SEED = 20251122
+SECTIONS = ("thinker", "talker", "code2wav", "speech")
+DECODE_BATCHES = (1, 8, 32)
+TTFA_CONCURRENCY, RTF_CONCURRENCY = (1, 4, 8), (1, 16)
+QUESTION_SECONDS, QUESTION_HZ, SAMPLE_RATE = 5.0, 440.0, 16000
+VOICE = "ethan"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    prompt: int = 2500  # prefill prompt, tokens
+    decode_prompt: int = 128  # prompt before the timed decode steps
+    new_tokens: int = 64  # timed decode steps
+    talker_frames: int = 50
+    code2wav_frames: int = 100
+    speech_tokens: int = 24  # thinker tokens of a spoken reply
+    speech_frames: int = 40  # codec frames of a spoken reply (12.5 per second)
+
+
+FULL = Budgets()
+TINY = Budgets(prompt=512, new_tokens=8, talker_frames=8, code2wav_frames=8, speech_tokens=4, speech_frames=4)
+
+
+@dataclass
+class Row:
+    label: str
+    ours: float | None
+    theirs: float | None
+    higher_is_better: bool
+    note: str = ""
+
+    def line(self) -> str:
+        def cell(v):
+            return "n/a" if v is None else f"{v:.4g}"
+
+        if self.ours is None or self.theirs is None:
+            ratio = "n/a"
+        else:
+            ratio = f"{(self.ours / self.theirs) if self.higher_is_better else (self.theirs / self.ours):.2f}x"
+        return f"{self.label:<52} | {cell(self.ours):>11} | {cell(self.theirs):>11} | {ratio:>8}  {self.note}"
+
+
+class Clock:
+    """Wall time that includes all queued GPU work (torch.cuda.synchronize before reading it on CUDA), and each
+    engine's peak GPU memory over the work it was given."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak = {"thinktalk": 0, "reference": 0}
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def engine(self, name: str):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            yield
+        if self.cuda:
+            self.peak[name] = max(self.peak[name], torch.cuda.max_memory_allocated())
+
+    def best_of(self, runs: int, name: str, fn) -> float:
+        times = []
+        with self.engine(name):
+            for _ in range(runs):
+                start = self.now()
+                fn()
+                times.append(self.now() - start)
+        return min(times)
+
+
+@dataclass
+class Setup:
+    omni: Omni
+    reference: torch.nn.Module
+    clock: Clock
+    budgets: Budgets
+    runs: int
+    mode: StepMode  # how thinktalk's decode steps run (engine/graphs.py)
+    reference_max_concurrency: int
+
+
+# ---------------------------------------------------------------------------------------------------- thinker
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference_thinker_generate(s: Setup, prompts: list[list[int]], new_tokens: int, streamer=None) -> None:
+    ids = torch.tensor(prompts, device=s.omni.device)
+    s.reference.thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, streamer=streamer)
+
+
+def thinker_rows(s: Setup) -> list[Row]:
+    thinker, b, vocab = s.omni.model.thinker, s.budgets, s.omni.cfg.thinker.text.vocab_size
+    prompt = random_prompts(1, b.prompt, vocab, seed=1)
+
+    def ours_prefill():
+        runner = ThinkerRunner(thinker, 1, b.prompt + 1)
+        runner.prefill(text_prefill_inputs(thinker, prompt, s.omni.device))
+
+    ours = s.clock.best_of(s.runs, "thinktalk", ours_prefill)
+    theirs = s.clock.best_of(s.runs, "reference", lambda: reference_thinker_generate(s, prompt, 1))
+    rows = [Row(f"thinker prefill tok/s ({b.prompt}-token prompt)", b.prompt / ours, b.prompt / theirs, True)]
+    for batch in DECODE_BATCHES:
+        prompts = random_prompts(batch, b.decode_prompt, vocab, seed=batch)
+        ours, theirs = ours_decode_seconds(s, prompts), reference_decode_seconds(s, prompts)
+        rows.append(Row(f"thinker decode tok/s, batch {batch}", batch * b.new_tokens / ours,
+                        batch * b.new_tokens / theirs, True))
+    return rows
+
+
+def ours_decode_seconds(s: Setup, prompts: list[list[int]]) -> float:
+    """Seconds for new_tokens greedy decode steps after a prefill. One runner serves the warm-up and the timed runs
+    (each prefills it again), so a captured graph or compiled step is built once, untimed."""
+    thinker, n = s.omni.model.thinker, s.budgets.new_tokens
+    runner = ThinkerRunner(thinker, len(prompts), len(prompts[0]) + n + 1, mode=s.mode)
+
+    def run(steps: int) -> float:
+        sampler = Sampler(SamplingConfig(), len(prompts), thinker.cfg.text.vocab_size, s.omni.device)
+        tokens = sampler(runner.prefill(text_prefill_inputs(thinker, prompts, s.omni.device))[0])
+        start = s.clock.now()
+        for _ in range(steps):
+            tokens = runner.decode_and_sample(tokens, sampler)
+        return s.clock.now() - start
+
+    with s.clock.engine("thinktalk"):
+        run(4)  # warm-up: two eager steps, then the capture (GRAPH) or the compile (COMPILED)
+        return min(run(n) for _ in range(s.runs))
+
+
+def reference_decode_seconds(s: Setup, prompts: list[list[int]]) -> float:
+    """From its first generated token to its last in a (new_tokens + 1)-token generate: new_tokens decode steps,
+    clocked by a streamer (which transformers hands each token after copying it to the host)."""
+    n = s.budgets.new_tokens
+
+    def once() -> float:
+        clock = TokenClock()
+        reference_thinker_generate(s, prompts, n + 1, clock)
+        assert len(clock.times) == n + 2, len(clock.times)  # the prompt, then every generated token
+        return clock.times[-1] - clock.times[1]
+
+    with s.clock.engine("reference"):
+        return min(once() for _ in range(s.runs))
+
+
+# ----------------------------------------------------------------------------------------------- talker, code2wav
+
+
+def question(text: str = "What do you hear?") -> list[dict]:
+    """A 5-second tone with a little noise (so the mel features are not degenerate), then the question."""
+    t = np.arange(int(QUESTION_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
+    noise = np.random.default_rng(SEED).normal(0, 0.05, t.shape)
+    wave = (0.4 * np.sin(2 * np.pi * QUESTION_HZ * t) + noise).astype(np.float32)
+    return [{"role": "user", "content": [{"type": "audio", "audio": (wave, SAMPLE_RATE)},
+                                         {"type": "text", "text": text}]}]
+
+
+def ours_talker_seconds(s: Setup, frames: int) -> tuple[float, int]:
+    """(seconds, frames made) for `frames` talker frames after the talker prefill of the audio question."""
+    omni, cfg = s.omni, s.omni.cfg
+    talker, embed = omni.model.talker, omni.model.thinker.embed
+    prompt = omni.prepare(question())
+    thinker = ThinkerStream(omni.model, prompt, SamplingConfig(max_new_tokens=2), None, set(),
+                            cfg.talker.accept_hidden_layer)
+    inputs = thinker.inputs
+    first = embed(torch.tensor([thinker.tokens[0]], device=omni.device))[0]
+    prefill = build_talker_prefill(talker, cfg, inputs.token_ids[0], inputs.embeds[0], thinker.accepted_hidden[0],
+                                   prompt.layout, prompt.use_audio_in_video, first, cfg.talker.speaker_id(VOICE),
+                                   embed)
+    session = TalkerSession(talker, cfg, prefill, SamplingConfig(max_new_tokens=frames + 2), mode=s.mode)
+    pad = prefill.text_embeds[2].unsqueeze(0)
+    made, start = 0, s.clock.now()
+    while made < frames and not session.finished:
+        codes, codec_sum = session.complete()
+        session.advance(codec_sum, pad)
+        made += 1
+    return s.clock.now() - start, made
+
+
+def reference_speech_inputs(s: Setup, concurrency: int) -> dict:
+    inputs = reference_inputs(s.omni.prepare(question()))
+    inputs.pop("use_audio_in_video")
+    out = {}
+    for key, value in inputs.items():
+        value = value.expand(concurrency, *value.shape[1:]).contiguous().to(s.omni.device)
+        out[key] = value.to(s.omni.dtype) if value.is_floating_point() else value
+    return out
+
+
+def reference_speak(s: Setup, concurrency: int, streamer=None) -> float:
+    """Seconds of audio per request of one batched generate() of `concurrency` identical audio questions."""
+    b = s.budgets
+    _, wavs = s.reference.generate(
+        **reference_speech_inputs(s, concurrency), speaker=VOICE, thinker_max_new_tokens=b.speech_tokens,
+        thinker_min_new_tokens=b.speech_tokens, thinker_do_sample=False, talker_do_sample=False,
+        talker_max_new_tokens=b.speech_frames + 1, talker_use_audio_in_video=False, talker_streamer=streamer)
+    samples = wavs.shape[-1] if torch.is_tensor(wavs) else min(w.shape[-1] for w in wavs)
+    return samples / s.omni.cfg.code2wav.sample_rate
+
+
+def talker_rows(s: Setup) -> list[Row]:
+    frames = s.budgets.talker_frames
+    with s.clock.engine("thinktalk"):
+        ours_talker_seconds(s, 2)  # warm-up
+        ours = max(made / seconds for seconds, made in (ours_talker_seconds(s, frames) for _ in range(s.runs)))
+
+    def reference_rate() -> float:
+        clock = TokenClock()
+        reference_speak(s, 1, clock)
+        generated = clock.times[1:]  # the first put is the (empty) prompt
+        return (len(generated) - 1) / (generated[-1] - generated[0])
+
+    with s.clock.engine("reference"):
+        theirs = max(reference_rate() for _ in range(s.runs))
+    note = f"(reference: its talker generate() per token, {s.budgets.speech_frames} frames)"
+    return [Row("talker frames/s (talker step + code predictor)", ours, theirs, True, note)]
+
+
+def code2wav_rows(s: Setup) -> list[Row]:
+    cfg, frames = s.omni.cfg.code2wav, s.budgets.code2wav_frames
+    codes = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, frames),
+                          generator=torch.Generator().manual_seed(2)).to(s.omni.device)
+
+    def ours():
+        stream = Code2WavStream(s.omni.model.code2wav)
+        for f in range(frames):
+            stream.feed(codes[..., f:f + 1])
+        stream.finish()
+
+    ours_s = s.clock.best_of(s.runs, "thinktalk", ours)
+    theirs_s = s.clock.best_of(s.runs, "reference", lambda: s.reference.code2wav.chunked_decode(codes, 300, 25))
+    return [Row("code2wav ms per frame (streaming, 1 frame per call)", 1e3 * ours_s / frames,
+                1e3 * theirs_s / frames, False, "(reference: one-shot chunked_decode; it cannot stream)")]
+
+
+# ---------------------------------------------------------------------------------------------------------- speech
+
+
+@dataclass
+class Reply:
+    first_audio: float  # seconds from the start to the first audio packet
+    total: float  # seconds from the start to the last event
+    audio: float  # seconds of audio
+
+
+def ours_speak(s: Setup, concurrency: int) -> list[Reply]:
+    """`concurrency` spoken replies, their Omni.stream generators advanced round-robin, one event each per turn,
+    sharing decode steps through Omni.enable_batching (as the server does)."""
+    b = s.budgets
+    s.omni.enable_batching(rows=concurrency, max_len=len(s.omni.encode_prompt(question())) + b.speech_tokens + 1)
+    try:
+        return _speak_round_robin(s, concurrency)
+    finally:
+        s.omni.disable_batching()
+
+
+def _speak_round_robin(s: Setup, concurrency: int) -> list[Reply]:
+    b, start = s.budgets, s.clock.now()
+    streams = [s.omni.stream(question(), return_audio=True, voice=VOICE, max_new_tokens=b.speech_tokens,
+                             do_sample=False, stop_token_ids=[-1], talker_do_sample=False,
+                             talker_max_new_tokens=b.speech_frames + 1) for _ in range(concurrency)]
+    first: list[float | None] = [None] * concurrency
+    replies: dict[int, Reply] = {}
+    while len(replies) < concurrency:
+        for i, stream in enumerate(streams):
+            if i in replies:
+                continue
+            event = next(stream)
+            if isinstance(event, AudioChunk) and first[i] is None:
+                first[i] = s.clock.now() - start
+            elif isinstance(event, Done):
+                audio = event.result.audio.size / event.result.sample_rate
+                replies[i] = Reply(first[i], s.clock.now() - start, audio)
+    return [replies[i] for i in range(concurrency)]
+
+
+def reference_replies(s: Setup, concurrency: int) -> tuple[Reply, str]:
+    """The reference's batched reply: every request's first (and only) packet comes at the end."""
+    run = min(concurrency, s.reference_max_concurrency)
+    note = "" if run == concurrency else f"(reference bounded: {run} requests, not {concurrency})"
+    start = s.clock.now()
+    audio = reference_speak(s, run)
+    total = s.clock.now() - start
+    return Reply(total, total, audio), note
+
+
+def speech_rows(s: Setup, cold: tuple[Reply, Reply]) -> list[Row]:
+    rows = [Row("first audio s, 5-s audio question, cold", cold[0].first_audio, cold[1].first_audio, False)]
+    for n in sorted(set(TTFA_CONCURRENCY) | set(RTF_CONCURRENCY)):
+        with s.clock.engine("thinktalk"):
+            ours = ours_speak(s, n)
+        with s.clock.engine("reference"):
+            theirs, note = reference_replies(s, n)
+        if n in TTFA_CONCURRENCY:
+            rows.append(Row(f"first audio s, {n} concurrent (mean)", float(np.mean([r.first_audio for r in ours])),
+                            theirs.first_audio, False, note))
+        if n in RTF_CONCURRENCY:
+            rows.append(Row(f"RTF, {n} concurrent (mean)", float(np.mean([r.total / r.audio for r in ours])),
+                            theirs.total / theirs.audio, False, note))
+    return rows
+
+
+def cold_replies(s: Setup) -> tuple[Reply, Reply]:
+    """The first request each engine serves after start-up (nothing warmed)."""
+    with s.clock.engine("thinktalk"):
+        ours = ours_speak(s, 1)[0]
+    with s.clock.engine("reference"):
+        theirs, _ = reference_replies(s, 1)
+    return ours, theirs
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def load_config(name: str) -> tuple[dict, Budgets]:
+    if name == "full":
+        return full_config_dict(), FULL
+    if name == "tiny":
+        return tiny_config_dict(), TINY
+    return json.loads(Path(name).read_text()), FULL
+
+
+def build(args, config: dict, budgets: Budgets, tokenizer_dir: Path) -> tuple[Setup, str]:
+    device = torch.device(args.device)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    start = time.perf_counter()
+    model = random_model(config, device, dtype, SEED)
+    reference, report = tied_reference(model, config)
+    media = MediaOptions(AudioFeatureConfig(), VisionProcessorConfig())
+    omni = Omni(parse_config(config), model, Tokenizer.from_dir(tokenizer_dir), tokenizer_dir, media)
+    mode = default_mode(device) if args.step_mode is None else StepMode(args.step_mode)
+    setup = Setup(omni, reference, Clock(device), budgets, args.runs, mode, args.reference_max_concurrency)
+    return setup, f"{report.summary()}; built in {time.perf_counter() - start:.1f} s"
+
+
+def header(args, setup: Setup, weights: str) -> list[str]:
+    import transformers
+
+    name = torch.cuda.get_device_name() if setup.clock.cuda else "CPU"
+    b = setup.budgets
+    return [f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}; {args.dtype}; "
+            f"config {args.config}; thinktalk steps {setup.mode.value}; reference "
+            f"attention {setup.reference.config._attn_implementation}, experts "
+            f"{setup.reference.config.thinker_config.text_config._experts_implementation}",
+            f"command: {shlex.join([sys.executable, *sys.argv])}",
+            f"weights: {weights}",
+            f"budgets: {dataclasses.asdict(b)}; best of {setup.runs} runs (speech rows: one run); greedy",
+            f"{'':52} | {'thinktalk':>11} | {'reference':>11} | {'ratio':>8}  (ratio: times better for thinktalk)"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="full", help="full, tiny, or a config.json path")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--runs", type=int, default=None, help="best of how many runs (default 2; tiny: 1)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a directory with tokenizer.json (default: built from dashscope's Qwen ranks)")
+    parser.add_argument("--step-mode", choices=[m.value for m in StepMode], default=None,
+                        help="how thinktalk's decode steps run (default: graph on CUDA, eager on the CPU)")
+    parser.add_argument("--reference-max-concurrency", type=int, default=16,
+                        help="bound the reference's batched speech requests")
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    only = [part for part in args.only.split(",") if part]
+    if unknown := sorted(set(only) - set(SECTIONS)):
+        parser.error(f"unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    config, budgets = load_config(args.config)
+    args.runs = args.runs or (1 if budgets == TINY else 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = args.tokenizer or build_qwen_tokenizer_files(Path(tmp))
+        setup, weights = build(args, config, budgets, tokenizer_dir)
+        cold = cold_replies(setup) if "speech" in only else None  # first, so that nothing is warm yet
+        print("\n".join(header(args, setup, weights)), flush=True)
+        sections = {"thinker": thinker_rows, "talker": talker_rows, "code2wav": code2wav_rows,
+                    "speech": lambda s: speech_rows(s, cold)}
+        for section in only:
+            for row in sections[section](setup):
+                print(row.line(), flush=True)
+    gb = {k: v / 1e9 for k, v in setup.clock.peak.items()} if setup.clock.cuda else {}
+    print(Row("peak GPU memory GB", gb.get("thinktalk"), gb.get("reference"), False,
+              "(each includes the shared weights)").line())
+    if "speech" in only:
+        print("note: the reference has no streaming; its first audio packet is its whole reply.")
+
+
+if __name__ == "__main__":
+    main()
