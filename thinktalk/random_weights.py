@@ -36,7 +36,7 @@ from torch import nn
 from .config import parse_config
 from .models.code2wav import Code2Wav
 from .models.omni import OmniModel
-from .weights import _sources_of, checkpoint_layout, materialize
+from .weights import sources_of, checkpoint_layout, materialize
 
 # Distribution of the random weights (see the module docstring).
 HEAD_GAIN = 4.0  # output heads (thinker lm_head, talker codec_head, code predictor heads)
@@ -208,7 +208,7 @@ def _same_layout(reference: nn.Module, ref_name: str, target: str, shape: tuple[
     probe_shape = tuple(math.gcd(d, PROBE_DIM) for d in shape)
     probe = torch.arange(math.prod(probe_shape), dtype=torch.float32).view(probe_shape)
     pieces = revert_weight_conversion(reference, {ref_name: probe})
-    sources = {source.key: source for source in _sources_of(target, probe_shape)}
+    sources = {source.key: source for source in sources_of(target, probe_shape)}
     if set(pieces) != set(sources):
         return False
     rebuilt = torch.full(probe_shape, -1.0)

@@ -55,12 +55,12 @@ def checkpoint_layout(model: nn.Module) -> dict[str, TensorSource]:
     """Every checkpoint key the model expects, with its expected shape and destination."""
     layout = {}
     for name, param in model.state_dict(keep_vars=True).items():
-        for source in _sources_of(name, tuple(param.shape)):
+        for source in sources_of(name, tuple(param.shape)):
             layout[source.key] = source
     return layout
 
 
-def _sources_of(name: str, shape: tuple[int, ...]) -> Iterator[TensorSource]:
+def sources_of(name: str, shape: tuple[int, ...]) -> Iterator[TensorSource]:
     for suffix, parts in FUSED_EXPERTS.items():
         if name.endswith(suffix):
             base = name[: -len("gate_up_proj" if suffix.endswith("gate_up_proj") else "down_proj")]
