@@ -1,7 +1,7 @@
 """Aggregate thinker tokens/s of N concurrent text requests, with and without continuous batching, on the CPU.
 
     python bench/concurrency_cpu.py [--clients 1 4 8] [--new-tokens 32] [--rows 8] [--threads 1] [--compile]
-                                    [--no-reference]
+                                    [--no-reference] [--speech-frames 24]
 
 Builds the test suite's tiny random checkpoint with the reference (transformers), loads it into thinktalk, and
 runs N text requests (prompts of different lengths, greedy, no stop token: every reply has --new-tokens tokens)
@@ -10,6 +10,10 @@ advances them. "alone": every request owns a batch-1 runner (N decode steps per 
 `Omni.enable_batching(rows, max_len)`: the requests lease rows of one shared decode step. Time includes prompt
 preparation and prefill. The reference's figure is its `thinker.generate` on the same N prompts as one padded
 batch (static batching: everyone starts and ends together), greedy. Every figure is the best of RUNS runs.
+Then the same for spoken replies (--speech-frames > 0): codec frames/s of N concurrent replies (greedy thinker and
+talker, 2 text tokens, every reply --speech-frames - 1 frames unless it says codec EOS sooner), alone (a private
+TalkerSession each) and batched (rows of the shared talker batch), with the talker steps and code-predictor passes
+run per frame.
 """
 
 from __future__ import annotations
@@ -55,6 +59,45 @@ def interleaved(omni: Omni, clients: int, new_tokens: int) -> tuple[float, int, 
     return time.perf_counter() - start, sum(len(r) for r in replies), replies
 
 
+def spoken(omni: Omni, clients: int, frames: int) -> tuple[float, int, list[list[int]]]:
+    """-> (seconds, codec frames in all, each reply's codes), the spoken streams advanced round-robin."""
+    start = time.perf_counter()
+    live = {i: omni.stream(messages(i), max_new_tokens=2, do_sample=False, stop_token_ids=NEVER, return_audio=True,
+                           talker_do_sample=False, talker_max_new_tokens=frames) for i in range(clients)}
+    codes: list[list[int]] = [[] for _ in range(clients)]
+    while live:
+        for i, stream in list(live.items()):
+            event = next(stream)
+            if isinstance(event, Done):
+                codes[i] = event.result.codes.flatten().tolist()
+                del live[i]
+    seconds = time.perf_counter() - start
+    return seconds, sum(len(c) for c in codes) // omni.cfg.talker.num_code_groups, codes
+
+
+def speech_table(omni: Omni, args: argparse.Namespace) -> None:
+    print(f"\nspoken replies: greedy, {args.speech_frames} frame budget, talker rows x slots = {args.rows} x "
+          f"{args.max_len + args.speech_frames}")
+    print(f"{'clients':>7} | {'alone frames/s':>14} {'batched frames/s':>16} {'speed-up':>8} {'steps/frame':>11}"
+          f" {'passes/frame':>12}")
+    for clients in args.clients:
+        omni.disable_batching()
+        spoken(omni, clients, 4)  # warm-up
+        alone = min(spoken(omni, clients, args.speech_frames)[0] for _ in range(RUNS))
+        expected = spoken(omni, clients, args.speech_frames)[2]
+        omni.enable_batching(args.rows, args.max_len, talker_max_len=args.max_len + args.speech_frames)
+        shared = omni.talker_batching
+        spoken(omni, clients, 4)  # warm-up, not timed
+        warm_steps, warm_passes = shared.steps, shared.passes
+        runs = [spoken(omni, clients, args.speech_frames) for _ in range(RUNS)]
+        if any(r[2] != expected for r in runs):
+            raise RuntimeError("batched spoken replies differ from the replies spoken alone")
+        batched, frames = min(r[0] for r in runs), runs[0][1]
+        steps, passes = (shared.steps - warm_steps) / (RUNS * frames), (shared.passes - warm_passes) / (RUNS * frames)
+        print(f"{clients:>7} | {frames / alone:14.1f} {frames / batched:16.1f} {alone / batched:7.2f}x "
+              f"{steps:11.3f} {passes:12.3f}")
+
+
 def reference_seconds(reference, omni: Omni, clients: int, new_tokens: int) -> float:
     """The reference's generate() on the N prompts as one left-padded batch."""
     prompts = [omni.encode_prompt(messages(i)) for i in range(clients)]
@@ -80,11 +123,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="compile the shared decode step")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--speech-frames", type=int, default=24, help="talker frame budget (0: no speech table)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        reference = build_reference(tiny_config_dict(talker=False), seed=0)
+        reference = build_reference(tiny_config_dict(talker=args.speech_frames > 0), seed=0)
         path = save_reference(reference, Path(tmp) / "ckpt")
         build_qwen_tokenizer_files(path)
         omni = Omni.from_pretrained(path, device="cpu", dtype="float32", show_progress=False)
@@ -112,6 +156,8 @@ def main() -> None:
             f"{tokens / min(reference_seconds(reference, omni, clients, args.new_tokens) for _ in range(RUNS)):15.1f}")
         print(f"{clients:>7} | {tokens / alone:11.1f} {tokens / batched:13.1f} {alone / batched:7.2f}x "
               f"{steps_per_token:11.3f} {ref}")
+    if args.speech_frames > 0:
+        speech_table(omni, args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .config import OmniConfig, SamplingConfig, load_config
-from .engine.decode_batch import SharedDecodeBatch
+from .engine.decode_batch import SharedDecodeBatch, check_batching
+from .engine.talker_batch import SharedTalkerBatch
 from .engine.sampler import Sampler
 from .engine.multimodal_inputs import multimodal_prefill_inputs
 from .engine.pipeline import AudioChunk, ReplyTrace, SpeechOptions, TextDelta, stream_reply
@@ -102,6 +103,7 @@ class Omni:
         self.device = model.thinker.lm_head.weight.device
         self.dtype = model.thinker.lm_head.weight.dtype
         self._batching: SharedDecodeBatch | None = None
+        self._talker_batching: SharedTalkerBatch | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, audio_output: bool | None = None,
@@ -125,21 +127,33 @@ class Omni:
     # ------------------------------------------------------------------------------------------------------------
     # Continuous batching
 
-    def enable_batching(self, rows: int, max_len: int, compile: bool = False) -> SharedDecodeBatch:
+    def enable_batching(self, rows: int, max_len: int, compile: bool = False,
+                        talker_max_len: int | None = None) -> SharedDecodeBatch:
         """From now on, streams (`stream`, spoken `generate`) decode in rows of one shared (rows, max_len) batch:
         concurrent streams advanced by one thread (as the server's worker does) share each decode step. A stream
         that finds no free row, or whose prompt + max_new_tokens exceeds max_len, runs alone; the tokens are the
-        same either way. compile=True compiles the shared step once (see ThinkerRunner)."""
+        same either way. compile=True compiles the shared step once (see ThinkerRunner).
+        With a talker, spoken replies likewise share its steps and code-predictor passes in `rows` rows of
+        `talker_max_len` slots (talker prompt + frame budget; default max_len + the checkpoint's talker budget)."""
+        check_batching(rows, max_len)
+        if self.model.talker is not None:
+            talker_len = max_len + self.cfg.talker_sampling.max_new_tokens if talker_max_len is None else talker_max_len
+            self._talker_batching = SharedTalkerBatch(self.model.talker, self.cfg, rows, talker_len)
         self._batching = SharedDecodeBatch(self.model.thinker, rows, max_len, compile)
         return self._batching
 
     def disable_batching(self) -> None:
         """New streams run alone again (streams holding rows keep them until they end)."""
         self._batching = None
+        self._talker_batching = None
 
     @property
     def batching(self) -> SharedDecodeBatch | None:
         return self._batching
+
+    @property
+    def talker_batching(self) -> SharedTalkerBatch | None:
+        return self._talker_batching
 
     # ------------------------------------------------------------------------------------------------------------
     # Text generation
@@ -260,7 +274,7 @@ class Omni:
 
         trace = ReplyTrace()
         yield from stream_reply(self.model, self.cfg, prompt, params, seed, stops, speech, detokenize, trace,
-                                self._batching)
+                                self._batching, self._talker_batching)
         result = self._result(prompt, trace.token_ids, stops, params)
         if speech is not None:
             audio = np.concatenate(trace.audio) if trace.audio else np.zeros(0, dtype=np.float32)

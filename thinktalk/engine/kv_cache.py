@@ -72,13 +72,16 @@ class CacheCursor:
         in (static shapes) stay inside the cache however long they idle."""
         self.lengths.masked_fill_(idle, 0)
 
-    def step(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, rows: int | None = None,
+             advance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step of rows [0, rows) (default: all): (slots (rows, 1), positions (3, rows, 1),
-        mask (rows, 1, 1, max_len)); then those rows advance by one."""
+        mask (rows, 1, 1, max_len)); then those rows advance by one. advance: (rows,) bool, the rows that advance
+        (default: all); a row held back writes its next slot again at its next step, so this step's write there
+        is overwritten before any query of the row sees it."""
         lengths = self.lengths if rows is None else self.lengths[:rows]  # a view: add_ advances the cursor itself
         deltas = self.rope_deltas if rows is None else self.rope_deltas[:rows]
         slots = lengths.unsqueeze(1).clone()
         positions = (lengths + deltas).view(1, -1, 1).expand(3, -1, 1)
         mask = self.key_slots.view(1, 1, 1, -1) <= slots.view(-1, 1, 1, 1)
-        lengths.add_(1)
+        lengths.add_(1 if advance is None else advance.long())
         return slots, positions, mask

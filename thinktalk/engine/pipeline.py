@@ -6,7 +6,7 @@
           the talker advances and completes frame k+1 -> Code2Wav (an AudioChunk every `chunk_frames` frames)
     after codec EOS the thinker finishes its text; Done carries the whole result.
 Text always leads speech. Stopping the iteration early (closing the generator) drops every cache with it and gives
-a leased row of the shared decode batch back.
+the leased rows of the shared decode batch (thinker) and the shared talker batch back.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from .decode_batch import SharedDecodeBatch
 from .graphs import StepMode
 from .multimodal_inputs import multimodal_prefill_inputs
 from .sampler import Sampler
-from .talker_prompt import build_talker_prefill
+from .talker_batch import SharedTalkerBatch, TalkerLease
+from .talker_prompt import TalkerPrefill, build_talker_prefill
 from .talker_session import TalkerSession
 from .thinker_runner import PrefillInputs, ThinkerRunner
 
@@ -142,16 +143,17 @@ class ThinkerStream:
 
 def stream_reply(model: OmniModel, cfg: OmniConfig, prompt: PreparedPrompt, sampling: SamplingConfig,
                  seed: int | None, stops: set[int], speech: SpeechOptions | None,
-                 detokenize, trace: ReplyTrace, batch: SharedDecodeBatch | None = None
-                 ) -> Iterator[TextDelta | AudioChunk]:
+                 detokenize, trace: ReplyTrace, batch: SharedDecodeBatch | None = None,
+                 talker_batch: SharedTalkerBatch | None = None) -> Iterator[TextDelta | AudioChunk]:
     """Yields TextDelta and AudioChunk events; fills `trace`. `detokenize(token_id, final) -> str`.
-    `batch`: decode in a row of this shared batch when one is free (closing the iterator frees the row)."""
+    `batch` / `talker_batch`: decode the text / speech in a row of this shared batch when one is free (closing the
+    iterator frees the rows)."""
     keep = cfg.talker.accept_hidden_layer if speech is not None else None
     thinker = ThinkerStream(model, prompt, sampling, seed, stops, keep, batch)
     try:
         yield from _text(thinker, 0, detokenize, trace)
         if speech is not None and not (thinker.done and thinker.tokens[0] in stops):
-            yield from _speak(model, cfg, prompt, thinker, speech, detokenize, trace)
+            yield from _speak(model, cfg, prompt, thinker, speech, detokenize, trace, talker_batch)
         while not thinker.done:
             thinker.next()
             yield from _text(thinker, len(thinker.tokens) - 1, detokenize, trace)
@@ -168,14 +170,30 @@ def _text(thinker: ThinkerStream, index: int, detokenize, trace: ReplyTrace) -> 
 
 
 def _speak(model: OmniModel, cfg: OmniConfig, prompt: PreparedPrompt, thinker: ThinkerStream,
-           speech: SpeechOptions, detokenize, trace: ReplyTrace) -> Iterator[TextDelta | AudioChunk]:
+           speech: SpeechOptions, detokenize, trace: ReplyTrace,
+           talker_batch: SharedTalkerBatch | None) -> Iterator[TextDelta | AudioChunk]:
     talker, embed = model.talker, model.thinker.embed
     inputs = thinker.inputs
     with torch.inference_mode():
         first = embed(torch.tensor([thinker.tokens[0]], device=inputs.embeds.device))[0]
         prefill = build_talker_prefill(talker, cfg, inputs.token_ids[0], inputs.embeds[0], thinker.accepted_hidden[0],
                                        prompt.layout, prompt.use_audio_in_video, first, speech.speaker_id, embed)
-    session = TalkerSession(talker, cfg, prefill, speech.sampling, speech.seed, speech.step_mode)
+    lease = talker_batch.lease(prefill, speech.sampling, speech.seed) if talker_batch is not None else None
+    session = lease or TalkerSession(talker, cfg, prefill, speech.sampling, speech.seed, speech.step_mode)
+    try:
+        yield from _frames(model, cfg, session, thinker, speech, prefill, detokenize, trace)
+    finally:
+        session.close()  # a leased row is free for the next spoken reply
+
+
+def _frames(model: OmniModel, cfg: OmniConfig, session: TalkerSession | TalkerLease, thinker: ThinkerStream,
+            speech: SpeechOptions, prefill: TalkerPrefill, detokenize,
+            trace: ReplyTrace) -> Iterator[TextDelta | AudioChunk]:
+    """Frame after frame: complete -> Code2Wav -> the text the next talker step reads -> advance.
+    A frame's audio leaves before the thinker writes (the first audio after one text token); otherwise after the
+    advance, which on a shared talker batch only deposits the input: the step then runs at this reply's next turn,
+    together with every reply that deposited meanwhile (no event between advance and the next frame: no sharing)."""
+    talker, embed = model.talker, model.thinker.embed
     tts_eos, tts_pad = prefill.text_embeds[1], prefill.text_embeds[2]
     vocoder = Code2WavStream(model.code2wav)
     pending: list[torch.Tensor] = []
@@ -185,17 +203,24 @@ def _speak(model: OmniModel, cfg: OmniConfig, prompt: PreparedPrompt, thinker: T
         codes, codec_sum = session.complete()
         trace.codes.append(codes[0])
         pending.append(codes)
+        audio: list[AudioChunk] = []
         if len(pending) >= speech.chunk_frames:
             chunk = _vocode(vocoder, pending)
             trace.audio.append(chunk)
-            yield AudioChunk(chunk, offset, sample_rate)
+            audio.append(AudioChunk(chunk, offset, sample_rate))
             offset += chunk.size
         # The step after frame `step` reads reply token step + 1: write text until the thinker has it.
+        if len(thinker.tokens) <= step + 1 and not thinker.done:
+            yield from audio
+            audio = []
+        written: list[TextDelta] = []
         while len(thinker.tokens) <= step + 1 and not thinker.done:
             thinker.next()
-            yield from _text(thinker, len(thinker.tokens) - 1, detokenize, trace)
+            written.extend(_text(thinker, len(thinker.tokens) - 1, detokenize, trace))
         text = _text_for_step(thinker, step + 1, embed, tts_eos, tts_pad, talker)
         session.advance(codec_sum, text)
+        yield from audio
+        yield from written
         step += 1
     if pending:
         chunk = _vocode(vocoder, pending)

@@ -19,6 +19,7 @@ All three compute the same codes (see tests/test_captured_steps.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -31,6 +32,39 @@ from .sampler import Sampler
 from .talker_prompt import TalkerPrefill
 
 CONTROL_CODES = 1024  # the talker vocabulary's top ids are control codes, never sampled as audio
+
+
+@dataclass
+class TalkerSamplers:
+    """One reply's two batch-1 samplers: codebook 0 (the talker's logits: control codes suppressed, the talker's
+    repetition penalty) and the residual codebooks (the code predictor's logits, its own top-k / top-p)."""
+
+    code0: Sampler
+    residual: Sampler
+
+
+def talker_samplers(cfg: OmniConfig, sampling: SamplingConfig, seed: int | None,
+                    device: torch.device) -> TalkerSamplers:
+    """The samplers of one reply; a seed gives both their own reproducible streams (residual: seed + 1)."""
+    vocab = cfg.talker.text.vocab_size
+    suppress = torch.tensor([i for i in range(vocab - CONTROL_CODES, vocab) if i != cfg.talker.codec_eos_id],
+                            device=device)
+    code0 = Sampler(sampling, 1, vocab, device, seed=seed, suppress_ids=suppress)
+    residual_seed = None if seed is None else seed + 1
+    residual = Sampler(code_predictor_sampling(sampling), 1, cfg.talker.code_predictor.vocab_size, device,
+                       seed=residual_seed)
+    return TalkerSamplers(code0, residual)
+
+
+def prefill_talker(talker: Talker, prefill: TalkerPrefill, cache: LayerCaches,
+                   cursor: CacheCursor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The talker prompt through a batch-1 cache (from slot 0; the cursor then stands after it) -> (the last
+    final-normed hidden state (1, hidden), the last codec logits (1, vocab))."""
+    seq = prefill.embeds.shape[1]
+    device = cursor.key_slots.device
+    slots = cursor.start(torch.tensor([seq], device=device), torch.tensor([prefill.rope_delta], device=device), seq)
+    hidden, logits = talker(prefill.embeds, prefill.positions, None, cache, slots)
+    return hidden[:, -1], logits[:, -1]
 
 
 class FramePass:
@@ -82,13 +116,8 @@ class TalkerSession:
         seq = prefill.embeds.shape[1]
         self.cache = LayerCaches(cfg.talker.text, 1, seq + self.max_frames + 1, weight.dtype, weight.device)
         self.cursor = CacheCursor(1, self.cache.max_len, weight.device)
-        vocab = cfg.talker.text.vocab_size
-        suppress = torch.tensor([i for i in range(vocab - CONTROL_CODES, vocab) if i != cfg.talker.codec_eos_id],
-                                device=weight.device)
-        self.code0_sampler = Sampler(sampling, 1, vocab, weight.device, seed=seed, suppress_ids=suppress)
-        residual_seed = None if seed is None else seed + 1
-        self.residual_sampler = Sampler(code_predictor_sampling(sampling), 1, cfg.talker.code_predictor.vocab_size,
-                                        weight.device, seed=residual_seed)
+        samplers = talker_samplers(cfg, sampling, seed, weight.device)
+        self.code0_sampler, self.residual_sampler = samplers.code0, samplers.residual
         self.frame_pass = FramePass(talker, 1, self.residual_sampler, self.mode)
         # Compiled, the talker step would recompile for every prompt length (its cache length): kept eager.
         step_mode = StepMode.EAGER if self.mode is StepMode.COMPILED else self.mode
@@ -99,11 +128,8 @@ class TalkerSession:
 
     @torch.inference_mode()
     def _start(self, prefill: TalkerPrefill) -> None:
-        seq = prefill.embeds.shape[1]
-        lengths = torch.tensor([seq], device=self.device)
-        slots = self.cursor.start(lengths, torch.tensor([prefill.rope_delta], device=self.device), seq)
-        hidden, logits = self.talker(prefill.embeds, prefill.positions, None, self.cache, slots)
-        self.hidden, self.code0 = hidden[:, -1], self.code0_sampler(logits[:, -1])
+        self.hidden, logits = prefill_talker(self.talker, prefill, self.cache, self.cursor)
+        self.code0 = self.code0_sampler(logits)
 
     @property
     def finished(self) -> bool:
@@ -124,3 +150,6 @@ class TalkerSession:
         """One talker step on the finished frame plus the text for it; samples the next frame's code0.
         codec_sum, text_embed: (1, hidden). The session keeps the step's outputs only until the next step."""
         self.hidden, self.code0 = self.step(codec_sum, text_embed)
+
+    def close(self) -> None:
+        """Nothing shared to give back: the caches go with this object (a leased row's close frees the row)."""

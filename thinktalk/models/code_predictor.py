@@ -56,6 +56,18 @@ class PredictorWorkspace:
         self.step_positions = [positions[:, g:g + 1].clone() for g in range(length)]
         self.batch = batch
 
+    def first_rows(self, rows: int) -> "PredictorWorkspace":
+        """The same memory seen as a workspace of rows [0, rows) (views, no copy): a pass over the leading rows of
+        a shared batch (engine/talker_batch.py) reads and writes only those rows."""
+        assert 1 <= rows <= self.batch, (rows, self.batch)
+        if rows == self.batch:
+            return self
+        view = object.__new__(PredictorWorkspace)  # no allocation: the views share this workspace's memory
+        view.cache, view.key_slots, view.batch = self.cache.first_rows(rows), self.key_slots, rows
+        view.prefill_positions = self.prefill_positions[:rows]
+        view.step_positions = [p[:rows] for p in self.step_positions]
+        return view
+
 
 class CodePredictor(nn.Module):
     def __init__(self, cfg: TalkerConfig):
