@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from checkpoints import build_reference, save_reference, tiny_config_dict  # noqa: E402
+from checkpoints import build_reference, load_as_omni, tiny_config_dict  # noqa: E402
 
 from thinktalk.omni import Done, Omni  # noqa: E402
-from thinktalk.processing.tokenizer import build_qwen_tokenizer_files  # noqa: E402
 
 RUNS = 3  # best of: a shared machine's noise only adds time
 NEVER = [-1]  # a stop id the model never produces, so every reply has exactly --new-tokens tokens
@@ -127,11 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = build_reference(tiny_config_dict(talker=args.speech_frames > 0), seed=0)
-        path = save_reference(reference, Path(tmp) / "ckpt")
-        build_qwen_tokenizer_files(path)
-        omni = Omni.from_pretrained(path, device="cpu", dtype="float32", show_progress=False)
+    reference = build_reference(tiny_config_dict(talker=args.speech_frames > 0), seed=0)
+    omni = load_as_omni(reference)
 
     print(f"thinker on CPU, tiny random model, float32, {args.threads} threads, {args.new_tokens} new tokens per "
           f"request (greedy), streams advanced round-robin; batched = {args.rows} rows x {args.max_len} slots"

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,13 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from checkpoints import build_reference, save_reference, tiny_config_dict  # noqa: E402
+from checkpoints import build_reference, load_as_omni, tiny_config_dict  # noqa: E402
 
 from thinktalk import Omni  # noqa: E402
 from thinktalk.engine.graphs import StepMode  # noqa: E402
 from thinktalk.engine.pipeline import AudioChunk  # noqa: E402
 from thinktalk.omni import Done  # noqa: E402
-from thinktalk.processing.tokenizer import build_qwen_tokenizer_files  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Tell me a short story about the sea."}]
 
@@ -74,11 +72,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the compiled code-predictor pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = build_reference(tiny_config_dict(), seed=0)
-        path = save_reference(reference, Path(tmp) / "ckpt")
-        build_qwen_tokenizer_files(path)
-        omni = Omni.from_pretrained(path, device="cpu", dtype="float32", show_progress=False)
+    reference = build_reference(tiny_config_dict(), seed=0)
+    omni = load_as_omni(reference)
     ids = omni.encode_prompt(MESSAGES)
     modes = {"thinktalk": StepMode.EAGER}
     if args.compile:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,13 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from checkpoints import build_reference, save_reference, tiny_config_dict  # noqa: E402
+from checkpoints import build_reference, load_as_omni, tiny_config_dict  # noqa: E402
 
 from thinktalk.config import SamplingConfig  # noqa: E402
 from thinktalk.engine.sampler import Sampler  # noqa: E402
 from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs  # noqa: E402
 from thinktalk.omni import Omni  # noqa: E402
-from thinktalk.processing.tokenizer import build_qwen_tokenizer_files  # noqa: E402
 
 
 BENCH_VOCAB = 16384  # small enough that the lm_head does not dominate a step (in the real model it is ~1/10th)
@@ -122,11 +120,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = build_reference(bench_config(args.size), seed=0)
-        path = save_reference(reference, Path(tmp) / "ckpt")
-        build_qwen_tokenizer_files(path)
-        omni = Omni.from_pretrained(path, device="cpu", dtype="float32", show_progress=False)
+    reference = build_reference(bench_config(args.size), seed=0)
+    omni = load_as_omni(reference)
 
     print(f"thinker on CPU, {args.size} random model (vocab {BENCH_VOCAB}), float32, {args.threads} threads, "
           f"prompt {args.prompt} tokens, {args.new_tokens} new tokens (greedy), thinktalk decode "

@@ -112,3 +112,17 @@ def save_reference(model, directory: Path, max_shard_size: str | None = None) ->
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(directory, **kwargs)
     return directory
+
+
+def load_as_omni(reference):
+    """The reference's weights written as a checkpoint (with the Qwen tokenizer files) and loaded by thinktalk on the
+    CPU in float32: the benches' way to run both engines on the same random model. The files are gone afterwards."""
+    import tempfile
+
+    from thinktalk.omni import Omni
+    from thinktalk.processing.tokenizer import build_qwen_tokenizer_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_reference(reference, Path(tmp) / "ckpt")
+        build_qwen_tokenizer_files(path)
+        return Omni.from_pretrained(path, device="cpu", dtype="float32", show_progress=False)
