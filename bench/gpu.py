@@ -19,8 +19,8 @@ thinktalk | reference | ratio (how many times better thinktalk is):
     memory    peak GPU memory of each engine's sections (both include the shared weights)
 
 Timing brackets work with torch.cuda.synchronize on CUDA. Every figure is the best of --runs runs, except the
-speech rows (one run each). On a GPU machine without the shared folder beside the checkout, pass the full config
-as a path: --config path/to/qwen3-omni-30b-a3b-instruct.config.json. `--config tiny --device cpu` runs every
+speech rows (one run each). `--config full` is the released config (tests/data/); another config.json can be given
+as a path. `--config tiny --device cpu` runs every
 section in seconds (tests/test_bench_gpu.py runs it).
 """
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FULL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qwen3-omni-30b-a3b-instruct.config.json"
+# The released Qwen3-Omni-30B-A3B-Instruct config.json (public data, as transformers 5.x loads it), kept in the repository.
+FULL_CONFIG = Path(__file__).resolve().parent / "data" / "qwen3-omni-30b-a3b-instruct.config.json"
 
 
 def full_config_dict() -> dict:

@@ -14,8 +14,7 @@ ours within TIE_RELATIVE of its best, and a greedy sequence may leave the refere
 (checked against the reference's own logits at that decision); everything before it must be identical. Both the
 strict figures and the first divergence are printed. A real defect shows as a clear-margin mismatch.
 
-On a GPU machine without the shared folder beside the checkout, put the full config where tests/checkpoints.py
-looks for it (../shared/reference/qwen3-omni-30b-a3b-instruct.config.json).
+The full-size config is the released one, kept in tests/data/.
 """
 
 import gc
