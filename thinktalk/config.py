@@ -453,6 +453,15 @@ def _parse_sampling(f: FieldReader, base: SamplingConfig, prefix: str = "") -> S
 
 
 @dataclass(frozen=True)
+class QuantizationSection:
+    """`quantization_config` of a quantized checkpoint: its method, and the section as written, which the method's
+    reader in thinktalk/quant/formats parses (the fields differ by method)."""
+
+    method: str
+    fields: dict = field(compare=False)
+
+
+@dataclass(frozen=True)
 class OmniConfig:
     thinker: ThinkerConfig
     talker: TalkerConfig | None  # None for thinker-only checkpoints (Thinking, Captioner)
@@ -469,6 +478,7 @@ class OmniConfig:
     talker_sampling: SamplingConfig = DEFAULT_TALKER_SAMPLING
     # Token ids that end the thinker's reply (im_end, plus any eos ids from generation_config.json).
     stop_token_ids: tuple[int, ...] = field(default=())
+    quantization: QuantizationSection | None = None  # None: the checkpoint's weights are floats
 
     @property
     def has_audio_output(self) -> bool:
@@ -511,7 +521,15 @@ def parse_config(data: dict, file: Path | str = "config.json", generation: dict 
         thinker_sampling=thinker_sampling,
         talker_sampling=talker_sampling,
         stop_token_ids=tuple(stops),
+        quantization=_parse_quantization(f),
     )
+
+
+def _parse_quantization(f: FieldReader) -> QuantizationSection | None:
+    if not f.has("quantization_config"):
+        return None
+    section = f.sub("quantization_config")
+    return QuantizationSection(section.str("quant_method"), dict(section.data))
 
 
 def _read_json(path: Path) -> dict:

@@ -28,6 +28,7 @@ from .processing.multimodal import MediaOptions, PreparedPrompt, build_prompt
 from .processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from .processing.tools import ToolCall, parse_tool_calls
 from .processing.vision import VisionProcessorConfig
+from .quant import Quantization, QuantizeOnLoad, quantization_for
 from .weights import load_weights, materialize
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "Qwen/Qwen3-Omni-30B-A3B-Instruct"
@@ -98,31 +99,42 @@ def _pick_device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
 
 
 class Omni:
-    def __init__(self, cfg: OmniConfig, model: OmniModel, tokenizer: Tokenizer, path: Path, media: MediaOptions):
+    def __init__(self, cfg: OmniConfig, model: OmniModel, tokenizer: Tokenizer, path: Path, media: MediaOptions,
+                 quantization: Quantization | None = None):
         self.cfg, self.model, self.tokenizer, self.path, self.media = cfg, model, tokenizer, path, media
-        self.device = model.thinker.lm_head.weight.device
-        self.dtype = model.thinker.lm_head.weight.dtype
+        self.quantization = quantization  # how the weights are quantized (None: floats)
+        embeddings = model.thinker.model.embed_tokens.weight  # never quantized: the model's device and dtype
+        self.device, self.dtype = embeddings.device, embeddings.dtype
         self._batching: SharedDecodeBatch | None = None
         self._talker_batching: SharedTalkerBatch | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, audio_output: bool | None = None,
-                        show_progress: bool | None = None, allow_remote_media: bool = False) -> "Omni":
-        """`allow_remote_media`: fetch http(s) media URLs found in messages (off by default)."""
+                        show_progress: bool | None = None, allow_remote_media: bool = False,
+                        quantize: str | QuantizeOnLoad | None = None) -> "Omni":
+        """`allow_remote_media`: fetch http(s) media URLs found in messages (off by default).
+        `quantize`: "int8", "int4" or "fp8" (or a QuantizeOnLoad, which also says which modules) quantizes a float
+        checkpoint tensor by tensor as it loads. A quantized checkpoint (FP8, compressed-tensors, GPTQ, AutoRound)
+        is recognised from its config and loads in its own form, without this."""
         directory = resolve_checkpoint(path)
         cfg = load_config(directory)
         device, dtype = _pick_device_and_dtype(device, dtype)
         if audio_output is None:
             audio_output = cfg.has_audio_output
+        quantization = quantization_for(cfg, directory / "config.json", quantize)
         tokenizer = Tokenizer.from_dir(directory)
         with torch.device("meta"):
             model = OmniModel(cfg, audio_output=audio_output)
+        if quantization is not None:
+            quantization.apply(model, dtype, device)
         model = materialize(model, device, dtype).eval()
         skip = () if audio_output else ("talker.", "code2wav.")
-        load_weights(model, directory, device, dtype, skip_prefixes=skip, show_progress=show_progress)
+        grouped = None if quantization is None else quantization.sources(model, device)
+        load_weights(model, directory, device, dtype, skip_prefixes=skip, show_progress=show_progress,
+                     grouped=grouped)
         media = MediaOptions(AudioFeatureConfig.from_dir(directory), VisionProcessorConfig.from_dir(directory),
                              allow_remote=allow_remote_media)
-        return cls(cfg, model, tokenizer, directory, media)
+        return cls(cfg, model, tokenizer, directory, media, quantization)
 
     # ------------------------------------------------------------------------------------------------------------
     # Continuous batching

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -51,13 +52,37 @@ FUSED_EXPERTS = {
 }
 
 
-def checkpoint_layout(model: nn.Module) -> dict[str, TensorSource]:
-    """Every checkpoint key the model expects, with its expected shape and destination."""
+def checkpoint_layout(model: nn.Module, exclude: frozenset[str] = frozenset()) -> dict[str, TensorSource]:
+    """Every checkpoint key the model expects, with its expected shape and destination (parameters in `exclude`
+    are filled by someone else: a GroupedSources)."""
     layout = {}
     for name, param in model.state_dict(keep_vars=True).items():
+        if name in exclude:
+            continue
         for source in sources_of(name, tuple(param.shape)):
             layout[source.key] = source
     return layout
+
+
+class GroupedSources(Protocol):
+    """Checkpoint tensors that are not copied one to one but combined (a quantized matrix from its packed codes,
+    scales and zero points): the loader hands each such tensor over and the sources assemble what they fill."""
+
+    def owned_parameters(self) -> frozenset[str]:
+        """The model parameters these sources fill (left out of the one-to-one layout)."""
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...] | None]:
+        """Checkpoint key -> its expected shape (None: checked when assembled)."""
+
+    def take(self, path: Path, key: str, tensor: torch.Tensor) -> None:
+        """One tensor read from `path`; raises CheckpointError (naming it) when it is wrong."""
+
+    def missing(self) -> list[str]:
+        """Keys still needed once every shard has been read."""
+
+    def explain_unexpected(self, keys: list[str]) -> str | None:
+        """A clearer message for unexpected keys these sources recognise (e.g. a float weight where a quantized one
+        belongs), or None."""
 
 
 def sources_of(name: str, shape: tuple[int, ...]) -> Iterator[TensorSource]:
@@ -99,18 +124,21 @@ def shard_files(checkpoint_dir: Path) -> dict[Path, list[str] | None]:
 
 
 def load_weights(model: nn.Module, checkpoint_dir: Path | str, device: torch.device, dtype: torch.dtype,
-                 skip_prefixes: tuple[str, ...] = (), show_progress: bool | None = None) -> None:
+                 skip_prefixes: tuple[str, ...] = (), show_progress: bool | None = None,
+                 grouped: GroupedSources | None = None) -> None:
     """Fill `model` (already materialised on `device` in `dtype`) from the checkpoint, strictly.
 
     Keys under `skip_prefixes` (e.g. talker./code2wav. when audio output is off) are neither loaded nor required.
+    `grouped`: the sources of the parameters that are assembled from several tensors (quantized matrices).
     """
     checkpoint_dir = Path(checkpoint_dir)
-    layout = checkpoint_layout(model)
+    layout = checkpoint_layout(model, grouped.owned_parameters() if grouped else frozenset())
+    grouped_shapes = grouped.expected_shapes() if grouped else {}
     params = model.state_dict(keep_vars=True)
     shards = shard_files(checkpoint_dir)
     loaded: set[str] = set()
     unexpected: list[str] = []
-    progress = _progress(len(layout), show_progress)
+    progress = _progress(len(layout) + len(grouped_shapes), show_progress)
     for path, indexed_keys in shards.items():
         with _open_shard(path) as shard:
             keys = list(shard.keys())
@@ -122,17 +150,21 @@ def load_weights(model: nn.Module, checkpoint_dir: Path | str, device: torch.dev
                 if key.startswith(skip_prefixes):
                     continue
                 source = layout.get(key)
-                if source is None:
+                if source is not None:
+                    _copy_tensor(shard, path, source, params[source.target], device)
+                    loaded.add(key)
+                elif key in grouped_shapes:
+                    grouped.take(path, key, _read_tensor(shard, path, key, grouped_shapes[key]))
+                else:
                     unexpected.append(key)
                     continue
-                _copy_tensor(shard, path, source, params[source.target], device)
-                loaded.add(key)
                 progress.update(1)
     progress.close()
     if unexpected:
-        raise CheckpointError(f"{checkpoint_dir}: {len(unexpected)} unexpected tensor(s) the model does not have, "
-                              f"e.g. {', '.join(sorted(unexpected)[:5])}")
-    missing = sorted(k for k in layout if k not in loaded)
+        explained = grouped.explain_unexpected(sorted(unexpected)) if grouped else None
+        raise CheckpointError(explained or f"{checkpoint_dir}: {len(unexpected)} unexpected tensor(s) the model "
+                                           f"does not have, e.g. {', '.join(sorted(unexpected)[:5])}")
+    missing = sorted(k for k in layout if k not in loaded) + (grouped.missing() if grouped else [])
     if missing:
         raise CheckpointError(f"{checkpoint_dir}: {len(missing)} tensor(s) missing from the checkpoint, "
                               f"e.g. {', '.join(missing[:5])}")
@@ -145,15 +177,19 @@ def _open_shard(path: Path):
         raise CheckpointError(f"{path}: not a readable safetensors file; truncated or corrupt? ({error})") from None
 
 
-def _copy_tensor(shard, path: Path, source: TensorSource, target: torch.Tensor, device: torch.device) -> None:
-    found_shape = tuple(shard.get_slice(source.key).get_shape())
-    if found_shape != source.shape:
-        raise CheckpointError(f"{path}: tensor {source.key} has shape {list(found_shape)}, "
-                              f"expected {list(source.shape)}")
+def _read_tensor(shard, path: Path, key: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """One tensor, its shape checked before it is read (None: any shape)."""
+    found_shape = tuple(shard.get_slice(key).get_shape())
+    if shape is not None and found_shape != tuple(shape):
+        raise CheckpointError(f"{path}: tensor {key} has shape {list(found_shape)}, expected {list(shape)}")
     try:
-        tensor = shard.get_tensor(source.key)
+        return shard.get_tensor(key)
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path}: tensor {source.key} cannot be read; truncated or corrupt? ({error})") from None
+        raise CheckpointError(f"{path}: tensor {key} cannot be read; truncated or corrupt? ({error})") from None
+
+
+def _copy_tensor(shard, path: Path, source: TensorSource, target: torch.Tensor, device: torch.device) -> None:
+    tensor = _read_tensor(shard, path, source.key, source.shape)
     if not tensor.is_floating_point():
         raise CheckpointError(f"{path}: tensor {source.key} has dtype {tensor.dtype}, expected a floating type")
     with torch.no_grad():

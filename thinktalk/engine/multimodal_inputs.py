@@ -41,7 +41,7 @@ def _place(embeds: torch.Tensor, rows: torch.Tensor, features: torch.Tensor, wha
 
 def encode_prompt(thinker: Thinker, prompt: PreparedPrompt) -> EncodedPrompt:
     cfg = thinker.cfg
-    param = thinker.lm_head.weight
+    param = thinker.model.embed_tokens.weight  # device and dtype (an embedding is never quantized)
     ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=param.device)
     embeds = thinker.embed(ids).clone()
     if prompt.audios:
@@ -94,7 +94,7 @@ class DeepstackHook:
 
 def multimodal_prefill_inputs(thinker: Thinker, prompts: list[PreparedPrompt]) -> PrefillInputs:
     encoded = [encode_prompt(thinker, prompt) for prompt in prompts]
-    device, batch = thinker.lm_head.weight.device, len(encoded)
+    device, batch = thinker.model.embed_tokens.weight.device, len(encoded)
     longest = max(e.token_ids.numel() for e in encoded)
     hidden = encoded[0].embeds.shape[-1]
     token_ids = torch.zeros(batch, longest, dtype=torch.long, device=device)

@@ -109,7 +109,8 @@ class ThinkerStream:
         with torch.inference_mode():
             self.inputs = multimodal_prefill_inputs(thinker, [prompt])
         self.inputs.keep_hidden = keep_hidden
-        sampler = Sampler(sampling, 1, thinker.cfg.text.vocab_size, thinker.lm_head.weight.device, seed=seed)
+        sampler = Sampler(sampling, 1, thinker.cfg.text.vocab_size, thinker.model.embed_tokens.weight.device,
+                          seed=seed)
         sampler.observe(self.inputs.token_ids)
         self.budget, self.stops = sampling.max_new_tokens, stops
         lease = batch.lease(self.inputs, sampler, self.budget, stops) if batch is not None else None

@@ -127,7 +127,7 @@ class SharedTalkerBatch:
 
     def __init__(self, talker: Talker, cfg: OmniConfig, rows: int, max_len: int):
         check_batching(rows, max_len)
-        weight = talker.codec_head.weight
+        weight = talker.model.codec_embedding.weight  # device and dtype (an embedding is never quantized)
         self.talker, self.cfg, self.rows, self.max_len = talker, cfg, rows, max_len
         self.dtype, self.device = weight.dtype, weight.device
         self.cache = LayerCaches(cfg.talker.text, rows, max_len, self.dtype, self.device)

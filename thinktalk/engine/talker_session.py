@@ -76,7 +76,7 @@ class FramePass:
 
     def __init__(self, talker: Talker, batch: int, sampler: Sampler, mode: StepMode):
         self.workspace = talker.code_predictor.workspace(batch)
-        device = talker.codec_head.weight.device
+        device = talker.model.codec_embedding.weight.device
         run_stack = None
         if mode is StepMode.COMPILED:
             run_stack = CapturedStep(talker.code_predictor.run_stack, mode, device)
@@ -109,7 +109,7 @@ class TalkerSession:
 
     def __init__(self, talker: Talker, cfg: OmniConfig, prefill: TalkerPrefill, sampling: SamplingConfig,
                  seed: int | None = None, mode: StepMode | None = None):
-        weight = talker.codec_head.weight
+        weight = talker.model.codec_embedding.weight  # device and dtype (an embedding is never quantized)
         self.talker, self.cfg, self.device = talker, cfg.talker, weight.device
         self.mode = default_mode(self.device) if mode is None else mode
         self.max_frames = sampling.max_new_tokens

@@ -118,7 +118,7 @@ class ThinkerRunner:
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be an integer >= 1 or None, got {prefill_chunk!r}")
-        param = thinker.lm_head.weight
+        param = thinker.model.embed_tokens.weight  # device and dtype (an embedding is never quantized)
         self.thinker, self.batch, self.max_len, self.prefill_chunk = thinker, batch, max_len, prefill_chunk
         self.device = param.device
         self.cache = LayerCaches(thinker.cfg.text, batch, max_len, param.dtype, param.device)

@@ -7,7 +7,7 @@ loader stacks them):
 
 Routing: softmax over all experts in float32, top-k, renormalised when `norm_topk_prob`. Four ways to apply the
 experts (`ExpertPath`; `choose_path` picks one, a caller or test may name another):
-  - GROUPED (sm90+ GPU in bfloat16): the (token, expert) assignments sorted by expert, so each expert sees its
+  - GROUPED (sm90 / sm100 GPUs in bfloat16): the (token, expert) assignments sorted by expert, so each expert sees its
     tokens as one contiguous block of rows, then one grouped matmul (F.grouped_mm) per projection over all
     experts: no Python loop and no host synchronisation, so the same code runs in prefill and in a captured
     decode step. F.grouped_mm also runs on the CPU in bfloat16 when row strides are 16-byte aligned, which is
@@ -22,6 +22,9 @@ experts (`ExpertPath`; `choose_path` picks one, a caller or test may name anothe
 """
 
 import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +41,22 @@ class ExpertPath(enum.Enum):
     GATHERED = "gathered"  # unsorted (token, slot) pairs with gathered matrices, for compiled CPU steps
 
 
+# GPU generations (compute capability major) with torch's fast grouped GEMM: Hopper (9) and Blackwell (10). On the
+# others F.grouped_mm falls back to a loop that copies the group offsets to the host, which a CUDA graph cannot hold.
+GROUPED_MM_CAPABILITIES = (9, 10)
+
+
 def choose_path(x: torch.Tensor) -> ExpertPath:
     """The path for activations x on their device, as the module doc describes."""
     if x.device.type == "cpu":
         return ExpertPath.GATHERED if torch.compiler.is_compiling() else ExpertPath.BLOCKS
-    if (hasattr(F, "grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device)[0] >= 9):
+    if x.device.type == "cuda" and grouped_mm_is_fast(x.dtype, torch.cuda.get_device_capability(x.device)):
         return ExpertPath.GROUPED
     return ExpertPath.ROW_GATHER
+
+
+def grouped_mm_is_fast(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    return hasattr(F, "grouped_mm") and dtype == torch.bfloat16 and capability[0] in GROUPED_MM_CAPABILITIES
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
@@ -80,20 +91,57 @@ def experts_gathered(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tens
     flat = experts.reshape(-1)  # assignment a = token * top_k + slot
     gate, up = torch.bmm(gate_up[flat], rows).squeeze(-1).chunk(2, dim=-1)  # (tokens * top_k, inter) each
     out = torch.bmm(down[flat], (F.silu(gate) * up).unsqueeze(-1)).view(tokens, top_k, -1)
-    return (out * weights.unsqueeze(-1)).sum(dim=1)
+    return weighted_sum(out, weights).to(x.dtype)
 
 
-def experts_by_block(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                     group_ends: torch.Tensor) -> torch.Tensor:
-    """CPU path: rows (sorted by expert) through each active expert's SwiGLU as one block. -> (rows, hidden)."""
-    out = torch.empty(rows.shape[0], down.shape[1], dtype=rows.dtype, device=rows.device)
+# (x rows of one expert, expert index) -> x @ W[expert].T: how a block of rows meets one expert's matrix
+ExpertProduct = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def experts_by_block(rows: torch.Tensor, group_ends: torch.Tensor, gate_up: ExpertProduct,
+                     down: ExpertProduct) -> torch.Tensor:
+    """Rows (sorted by expert) through each active expert's SwiGLU as one block: one host sync for the group ends,
+    then one product per projection per expert that received tokens. -> (rows, hidden)."""
+    out = torch.empty_like(rows)
     start = 0
     for expert, end in enumerate(group_ends.tolist()):
         if end > start:
-            gate, up = F.linear(rows[start:end], gate_up[expert]).chunk(2, dim=-1)
-            out[start:end] = F.linear(F.silu(gate) * up, down[expert])
+            gate, up = gate_up(rows[start:end], expert).chunk(2, dim=-1)
+            out[start:end] = down(F.silu(gate) * up, expert)
         start = end
     return out
+
+
+@dataclass
+class SortedAssignments:
+    """The (token, slot) assignments of a batch sorted by expert (stable), so each expert's rows are contiguous."""
+
+    order: torch.Tensor  # (tokens * top_k,) row r holds assignment order[r] (a = token * top_k + slot)
+    token_of_row: torch.Tensor  # (tokens * top_k,)
+    expert_of_row: torch.Tensor  # (tokens * top_k,)
+    group_ends: torch.Tensor  # (experts,) int32 cumulative row counts (an idle expert repeats the previous end)
+
+
+def sort_assignments(experts: torch.Tensor, num_experts: int) -> SortedAssignments:
+    """experts: (tokens, top_k). Sync-free (no data-dependent shapes)."""
+    top_k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return SortedAssignments(order, order // top_k, flat[order], counts.cumsum(0, dtype=torch.int32))
+
+
+def weighted_sum(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out: (tokens, top_k, hidden) expert outputs; weights: (tokens, top_k) -> (tokens, hidden) float32.
+
+    Accumulated in float32 slot by slot, in a fixed order: one rounding at the end (by the caller) instead of top_k
+    roundings in an order an atomic add would choose, so runs are bit-identical; one (tokens, hidden) float32
+    temporary at a time."""
+    total = torch.zeros(out.shape[0], out.shape[2], dtype=torch.float32, device=out.device)
+    for slot in range(out.shape[1]):
+        total.addcmul_(out[:, slot].float(), weights[:, slot:slot + 1].float())
+    return total
 
 
 class Router(nn.Module):
@@ -111,40 +159,55 @@ class Router(nn.Module):
         return weights.to(x.dtype), experts
 
 
-class Experts(nn.Module):
+class ExpertsBase(nn.Module, ABC):
+    """Routing around `num_experts` SwiGLU experts; subclasses say how sorted rows meet the expert matrices."""
+
+    num_experts: int
+
+    def choose_path(self, x: torch.Tensor) -> ExpertPath:
+        return choose_path(x)
+
+    @abstractmethod
+    def run_sorted(self, rows: torch.Tensor, sorted_: SortedAssignments, path: ExpertPath) -> torch.Tensor:
+        """rows: (tokens * top_k, hidden) grouped by expert -> each row's expert output, (tokens * top_k, hidden)."""
+
+    def run_gathered(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__} has no gathered path")
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                path: ExpertPath | None = None) -> torch.Tensor:
+        """x: (tokens, hidden); weights, experts: (tokens, top_k); path: None = `choose_path(x)`. -> (tokens, hidden)"""
+        path = self.choose_path(x) if path is None else path
+        if path is ExpertPath.GATHERED:
+            # Traced into a compiled step, where the block path's host sync would split the graph. Inductor
+            # fuses the gather into the matrix-vector products, so no expert matrix is copied.
+            return self.run_gathered(x, weights, experts)
+        tokens, top_k = experts.shape
+        sorted_ = sort_assignments(experts, self.num_experts)
+        out = self.run_sorted(x[sorted_.token_of_row], sorted_, path)  # (tokens * top_k, hidden) by expert
+        unsorted = torch.empty_like(out).index_copy_(0, sorted_.order, out)  # back to assignment order
+        return weighted_sum(unsorted.view(tokens, top_k, -1), weights).to(x.dtype)
+
+
+class Experts(ExpertsBase):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                path: ExpertPath | None = None) -> torch.Tensor:
-        """x: (tokens, hidden); weights, experts: (tokens, top_k); path: None = `choose_path(x)`. -> (tokens, hidden)"""
-        path = choose_path(x) if path is None else path
-        if path is ExpertPath.GATHERED:
-            # Traced into a compiled step, where the block path's host sync would split the graph. Inductor
-            # fuses the gather into the matrix-vector products, so no expert matrix is copied.
-            return experts_gathered(x, weights, experts, self.gate_up_proj, self.down_proj)
-        tokens, top_k = experts.shape
-        flat_experts = experts.reshape(-1)  # assignment a = token * top_k + slot
-        order = flat_experts.argsort(stable=True)
-        expert_of_row = flat_experts[order]
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
-        group_ends = counts.cumsum(0, dtype=torch.int32)
-        token_of_row = order // top_k
-        rows = x[token_of_row]  # (tokens * top_k, hidden), grouped by expert
+    def run_gathered(self, x, weights, experts):
+        return experts_gathered(x, weights, experts, self.gate_up_proj, self.down_proj)
+
+    def run_sorted(self, rows, sorted_, path):
         if path is ExpertPath.BLOCKS:
-            out = experts_by_block(rows, self.gate_up_proj, self.down_proj, group_ends)
-        elif path is ExpertPath.GROUPED:
-            gate, up = grouped_matmul(rows, self.gate_up_proj, group_ends).chunk(2, dim=-1)
-            out = grouped_matmul(F.silu(gate) * up, self.down_proj, group_ends)
-        else:
-            gate, up = row_gather_matmul(rows, self.gate_up_proj, expert_of_row).chunk(2, dim=-1)
-            out = row_gather_matmul(F.silu(gate) * up, self.down_proj, expert_of_row)
-        out = out * weights.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of_row, out.to(x.dtype))
+            return experts_by_block(rows, sorted_.group_ends, lambda r, e: F.linear(r, self.gate_up_proj[e]),
+                                    lambda r, e: F.linear(r, self.down_proj[e]))
+        if path is ExpertPath.GROUPED:
+            gate, up = grouped_matmul(rows, self.gate_up_proj, sorted_.group_ends).chunk(2, dim=-1)
+            return grouped_matmul(F.silu(gate) * up, self.down_proj, sorted_.group_ends)
+        gate, up = row_gather_matmul(rows, self.gate_up_proj, sorted_.expert_of_row).chunk(2, dim=-1)
+        return row_gather_matmul(F.silu(gate) * up, self.down_proj, sorted_.expert_of_row)
 
 
 class SparseMoe(nn.Module):

@@ -82,7 +82,7 @@ class CodePredictor(nn.Module):
 
     def workspace(self, batch: int, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> PredictorWorkspace:
-        weight = self.lm_head[0].weight
+        weight = self.model.codec_embedding[0].weight  # device and dtype (an embedding is never quantized)
         return PredictorWorkspace(self.cfg, batch, dtype or weight.dtype, device or weight.device)
 
     def run_stack(self, x: torch.Tensor, positions: torch.Tensor, ws: PredictorWorkspace) -> torch.Tensor:
