@@ -16,6 +16,7 @@ from .config import ConfigError
 from .processing.prompt import PromptError
 from .weights import CheckpointError
 
+QUANTIZE_CHOICES = ("int8", "int4", "fp8")
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 USER_ERRORS = (ConfigError, CheckpointError, PromptError, FileNotFoundError, NotADirectoryError, ValueError)
@@ -28,6 +29,10 @@ def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
+                        help="quantize a float checkpoint as it loads (the thinker's and talker's attention and "
+                             "experts; int4: about 20 GiB for the 30B-A3B Instruct model); a checkpoint stored "
+                             "quantized (FP8, AWQ/GPTQ compressed-tensors, GPTQ, AutoRound) needs no flag")
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
@@ -231,7 +236,7 @@ def cmd_run(args) -> None:
     if args.out is not None:
         check_writable(args.out)
     omni = Omni.from_pretrained(_resolve_model(args), device=args.device, dtype=args.dtype,
-                                audio_output=args.out is not None)
+                                audio_output=args.out is not None, quantize=args.quantize)
     _reply(omni, messages, args, args.out)
 
 
@@ -245,7 +250,7 @@ def cmd_chat(args, read=input) -> None:
     if args.out_dir is not None and not Path(args.out_dir).is_dir():
         raise ValueError(f"--out-dir {args.out_dir}: no such folder")
     omni = Omni.from_pretrained(_resolve_model(args), device=args.device, dtype=args.dtype,
-                                audio_output=args.out_dir is not None)
+                                audio_output=args.out_dir is not None, quantize=args.quantize)
     history = [{"role": "system", "content": args.system}] if args.system else []
     attachments, turn = [], 0
     while True:
@@ -291,8 +296,8 @@ def cmd_info(args) -> None:
         print(f"talker:      {cfg.talker.text.num_layers} layers, {cfg.talker.num_code_groups} code groups")
         print(f"voices:      {', '.join(name for name, _ in cfg.talker.speakers)}")
     parameters = _parameter_count(cfg)
-    print(f"parameters:  {parameters:,} ({parameters * 2 / 2**30:.1f} GiB in bfloat16, "
-          f"{parameters * 4 / 2**30:.1f} GiB in float32, before KV cache)")
+    print(f"parameters:  {parameters:,}")
+    _print_memory(cfg, path, args.quantize)
 
 
 def cmd_serve(args) -> None:
@@ -306,7 +311,28 @@ def cmd_serve(args) -> None:
         raise ValueError(f"--batch-max-len must be at least 2, got {max_len}")
     run_server(args.model, args.host, args.port, args.device, args.served_model_name, args.api_key,
                args.allowed_local_media_path, args.allow_remote_media, dtype=args.dtype, batch_rows=args.batch_rows,
-               batch_max_len=max_len, compile=args.compile)
+               batch_max_len=max_len, compile=args.compile, quantize=args.quantize)
+
+
+def _print_memory(cfg, path: Path, quantize: str | None) -> None:
+    """The weights' memory in each precision (KV cache and activations come on top), the checkpoint's own first."""
+    from .quant import quantization_for
+    from .quant.sizes import PRECISIONS, model_bytes
+
+    stored = quantization_for(cfg, path / "config.json", quantize)  # validates the checkpoint's quantization_config
+    if cfg.quantization is not None:
+        print(f"stored as:   {stored.reader.describe()}")
+    print("memory:      weights only (KV cache and activations come on top); quantized: the thinker's and "
+          "talker's attention and experts, the rest in bfloat16")
+    chosen = quantize or ("bfloat16" if cfg.quantization is None else None)
+    for precision in PRECISIONS:
+        size = model_bytes(cfg, precision)
+        mark = "  <- --quantize" if quantize == precision else ("  <- without --quantize" if chosen == precision else "")
+        print(f"  {precision:9} {_size(size.total):>10}  (thinker {_size(size.by_part['thinker'])}){mark}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _parameter_count(cfg) -> int:

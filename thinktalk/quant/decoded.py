@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .spec import QuantizationError
+
 FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
@@ -77,6 +79,9 @@ def concat_rows(parts: list[IntMatrix | Fp8Matrix]) -> IntMatrix | Fp8Matrix:
         assert all(isinstance(p, Fp8Matrix) and p.block_k == first.block_k for p in parts)
         return Fp8Matrix(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), first.block_k)
     assert all(isinstance(p, IntMatrix) and p.bits == first.bits and p.groups == first.groups for p in parts)
+    if any(not torch.equal(p.group_index(), first.group_index()) for p in parts[1:]):
+        raise QuantizationError("matrices fused into one (an expert's gate_proj and up_proj) assign their input "
+                                "channels to groups differently (g_idx); thinktalk needs one input order for both")
     return IntMatrix(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
                      torch.cat([p.zero for p in parts]), first.bits, first.group_of)
 

@@ -159,8 +159,9 @@ def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: i
                served_model_name: str | None = None, api_key: str | None = None,
                allowed_local_media_path: str | None = None, allow_remote_media: bool = False,
                dtype: str | None = None, limits: ServerLimits = ServerLimits(), batch_rows: int | None = None,
-               batch_max_len: int = DEFAULT_MAX_LEN, compile: bool = False) -> None:
-    """Loads the model (default: the built-in demo checkpoint) and serves it until SIGINT / SIGTERM."""
+               batch_max_len: int = DEFAULT_MAX_LEN, compile: bool = False, quantize: str | None = None) -> None:
+    """Loads the model (default: the built-in demo checkpoint; `quantize`: int8/int4/fp8 on load) and serves it
+    until SIGINT / SIGTERM."""
     import uvicorn
 
     if batch_rows != 0:  # bad values fail before the (possibly long) load
@@ -169,7 +170,8 @@ def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: i
     from ..demo import ensure_demo_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    omni = Omni.from_pretrained(model if model is not None else ensure_demo_checkpoint(), device=device, dtype=dtype)
+    omni = Omni.from_pretrained(model if model is not None else ensure_demo_checkpoint(), device=device, dtype=dtype,
+                                quantize=quantize)
     app = create_app(omni, served_model_name, api_key, allowed_local_media_path, allow_remote_media, limits,
                      batch_rows, batch_max_len, compile)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=10)

@@ -41,9 +41,11 @@ FLOAT_STRATEGIES = ("channel", "tensor", "block")
 
 
 def _matches(name: str, target: str) -> bool:
+    """The package's rule (a "re:" regex matched from the start, else the exact name or the class name), plus a
+    plain name matching as a dotted suffix: quantizers write "lm_head" for the thinker's `thinker.lm_head`."""
     if target.startswith("re:"):
         return re.match(target[3:], name) is not None
-    return target == name or target == "Linear"  # every module thinktalk asks about is a linear on disk
+    return target in (name, "Linear") or name.endswith("." + target)  # every module asked about is a linear
 
 
 class _Group:
