@@ -161,13 +161,28 @@ def load_weights(model: nn.Module, checkpoint_dir: Path | str, device: torch.dev
                 progress.update(1)
     progress.close()
     if unexpected:
-        explained = grouped.explain_unexpected(sorted(unexpected)) if grouped else None
+        unexpected.sort()
+        explained = grouped.explain_unexpected(unexpected) if grouped else _quantized_piece(checkpoint_dir, unexpected)
         raise CheckpointError(explained or f"{checkpoint_dir}: {len(unexpected)} unexpected tensor(s) the model "
                                            f"does not have, e.g. {', '.join(sorted(unexpected)[:5])}")
     missing = sorted(k for k in layout if k not in loaded) + (grouped.missing() if grouped else [])
     if missing:
         raise CheckpointError(f"{checkpoint_dir}: {len(missing)} tensor(s) missing from the checkpoint, "
                               f"e.g. {', '.join(missing[:5])}")
+
+
+# The on-disk names of quantized matrices' pieces in the formats thinktalk reads (for messages only).
+QUANTIZED_SUFFIXES = frozenset({"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
+                                "qweight", "qzeros", "scales", "g_idx", "weight_scale_inv", "input_scale"})
+
+
+def _quantized_piece(checkpoint_dir: Path, keys: list[str]) -> str | None:
+    """For a float model: the message when the checkpoint holds pieces of quantized matrices."""
+    for key in keys:
+        if key.rpartition(".")[2] in QUANTIZED_SUFFIXES:
+            return (f"{checkpoint_dir}: tensor {key} is a piece of a quantized matrix, but config.json has no "
+                    f"quantization_config, so {key.rpartition('.')[0]} is loaded as a float .weight")
+    return None
 
 
 def _open_shard(path: Path):

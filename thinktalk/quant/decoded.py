@@ -81,7 +81,8 @@ def concat_rows(parts: list[IntMatrix | Fp8Matrix]) -> IntMatrix | Fp8Matrix:
     assert all(isinstance(p, IntMatrix) and p.bits == first.bits and p.groups == first.groups for p in parts)
     if any(not torch.equal(p.group_index(), first.group_index()) for p in parts[1:]):
         raise QuantizationError("matrices fused into one (an expert's gate_proj and up_proj) assign their input "
-                                "channels to groups differently (g_idx); thinktalk needs one input order for both")
+                                "channels to groups differently (g_idx); they must share one input order "
+                                "(thinktalk permutes the fused matrix's input channels once, for all its rows)")
     return IntMatrix(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
                      torch.cat([p.zero for p in parts]), first.bits, first.group_of)
 

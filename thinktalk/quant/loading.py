@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..weights import CheckpointError
+from ..weights import QUANTIZED_SUFFIXES, CheckpointError
 from .decoded import concat_rows
 from .formats.base import EXPERT_PARTS, MatrixReader, Piece
 from .matrices import QuantMatrices
@@ -103,7 +103,10 @@ class QuantSources:
                 decoded.append(self.reader.decode(disk_name, slot.target.spec, shape, tensors))
             except QuantizationError as error:
                 raise QuantizationError(f"{path}: {error}") from None
-        slot.target.store(concat_rows(decoded), slot.index)
+        try:
+            slot.target.store(concat_rows(decoded), slot.index)
+        except QuantizationError as error:  # about the matrix as a whole: name its linears
+            raise QuantizationError(f"{path}: {' and '.join(name for name, _ in slot.parts)}: {error}") from None
         slot.received, slot.done = {}, True  # drop the pieces
 
     def missing(self) -> list[str]:
@@ -122,8 +125,3 @@ class QuantSources:
                 return (f"tensor {key} is a piece of a quantized matrix, but quantization_config "
                         f"({self.reader.describe()}) keeps {key.rpartition('.')[0]} in float")
         return None
-
-
-# The on-disk names of quantized pieces in the formats thinktalk reads (for messages only).
-QUANTIZED_SUFFIXES = frozenset({"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
-                                "qweight", "qzeros", "scales", "g_idx", "weight_scale_inv", "input_scale"})

@@ -30,7 +30,7 @@ import torch
 
 from ...config_reader import FieldReader
 from ..decoded import Fp8Matrix, IntMatrix, fp8_block_scales_to_rows
-from ..spec import INT_BITS, QuantizationError, WeightSpec
+from ..spec import INT_BITS, QuantizationError, WeightSpec, compile_patterns
 from .base import (CONFIG_FIELD, FLOAT_DTYPES, Piece, WeightFormat, expect_dtype, module_aliases, packed_words,
                    unpack_int32)
 
@@ -48,12 +48,21 @@ def _matches(name: str, target: str) -> bool:
     return target in (name, "Linear") or name.endswith("." + target)  # every module asked about is a linear
 
 
+def _module_list(f: FieldReader, name: str, value) -> list[str]:
+    """`targets` / `ignore`: module names, class names or "re:" patterns (their expressions checked here)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise QuantizationError(f"{f.where(name)} must be a list of module names or 're:' patterns, got {value!r}")
+    compile_patterns([v[3:] for v in value if v.startswith("re:")], f.where(name))
+    return value
+
+
 class _Group:
     """One config group: its targets, its weights' spec and its on-disk format."""
 
     def __init__(self, f: FieldReader, default_format: str | None):
-        self.where = f.prefix.rstrip(".")
-        self.targets = [t for t in f.raw("targets") if isinstance(t, str)]
+        self.where = f.prefix.rstrip(".")  # quantization_config.config_groups.<name>
+        self.field = self.where.removeprefix(f"{CONFIG_FIELD}.")  # the same, as expect_dtype names fields
+        self.targets = _module_list(f, "targets", f.raw("targets"))
         self.format = f.str("format", default_format)
         if self.format is None:
             raise f.fail("format", "is missing here and at the top level")
@@ -107,10 +116,7 @@ class CompressedTensorsFormat(WeightFormat):
         if not groups.data:
             raise groups.fail("", "must hold at least one group")
         self.groups = [_Group(groups.sub(name), default_format) for name in groups.data]
-        ignore = f.raw("ignore", [])
-        if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
-            raise f.fail("ignore", f"must be a list of module names or 're:' patterns, got {ignore!r}")
-        self.ignore = ignore
+        self.ignore = _module_list(f, "ignore", f.raw("ignore", []))
 
     def describe(self) -> str:
         return "compressed-tensors (" + "; ".join(f"{g.format} {g.spec.describe()}" for g in self.groups) + ")"
@@ -148,7 +154,7 @@ class CompressedTensorsFormat(WeightFormat):
     def _scale_columns(group: _Group, n: int, k: int) -> int:
         if group.strategy == "group":
             if k % group.group_size:
-                raise QuantizationError(f"{CONFIG_FIELD}.{group.where}.weights.group_size {group.group_size} does "
+                raise QuantizationError(f"{group.where}.weights.group_size {group.group_size} does "
                                         f"not divide the input width {k}")
             return k // group.group_size
         return 1
@@ -163,11 +169,11 @@ class CompressedTensorsFormat(WeightFormat):
         n, k = shape
         half = 2 ** (group.bits - 1)
         scale = tensors["weight_scale"]
-        expect_dtype(f"{name}.weight_scale", scale, FLOAT_DTYPES, f"{group.where}.weights")
+        expect_dtype(f"{name}.weight_scale", scale, FLOAT_DTYPES, f"{group.field}.weights")
         scale = scale.float().reshape(-1, 1).expand(n, 1) if group.strategy == "tensor" else scale.float()
         if group.format == "pack-quantized":
             packed = tensors["weight_packed"]
-            expect_dtype(f"{name}.weight_packed", packed, (torch.int32,), f"{group.where}.format")
+            expect_dtype(f"{name}.weight_packed", packed, (torch.int32,), f"{group.field}.format")
             stored = [int(v) for v in tensors["weight_shape"].tolist()]
             if stored != [n, k]:
                 raise QuantizationError(f"tensor {name}.weight_shape says {stored}, but the model's {name} is "
@@ -175,25 +181,29 @@ class CompressedTensorsFormat(WeightFormat):
             q = unpack_int32(packed, group.bits, k, dim=1)  # unsigned: signed code + half
         else:
             weight = tensors["weight"]
-            expect_dtype(f"{name}.weight", weight, (torch.int8,), f"{group.where}.format")
+            expect_dtype(f"{name}.weight", weight, (torch.int8,), f"{group.field}.format")
             q = weight.to(torch.int32) + half
         zero = torch.full_like(scale, float(half))
         if not group.symmetric:
             stored_zero = tensors["weight_zero_point"]
             if group.format == "pack-quantized":
-                expect_dtype(f"{name}.weight_zero_point", stored_zero, (torch.int32,), f"{group.where}.format")
+                expect_dtype(f"{name}.weight_zero_point", stored_zero, (torch.int32,), f"{group.field}.format")
                 zero = unpack_int32(stored_zero, group.bits, n, dim=0).float()  # (N, G), signed + half
             else:
                 zero = stored_zero.float() + half
-        group_of = tensors["weight_g_idx"].long() if "weight_g_idx" in tensors else None
+        group_of = None
+        if "weight_g_idx" in tensors:
+            group_of = tensors["weight_g_idx"].long()
+            if int(group_of.min()) < 0 or int(group_of.max()) >= scale.shape[1]:
+                raise QuantizationError(f"tensor {name}.weight_g_idx names groups outside [0, {scale.shape[1]})")
         return IntMatrix(q, scale, zero, group.bits, group_of)
 
     def _decode_float(self, name: str, group: _Group, shape, tensors) -> Fp8Matrix:
         n, k = shape
         weight, scale = tensors["weight"], tensors["weight_scale"].float()
         if weight.dtype != torch.float8_e4m3fn:
-            raise QuantizationError(f"tensor {name}.weight has dtype {weight.dtype}, but {CONFIG_FIELD}."
-                                    f"{group.where} quantizes {name} as float8_e4m3fn")
+            raise QuantizationError(f"tensor {name}.weight has dtype {weight.dtype}, but {group.where} "
+                                    f"quantizes {name} as float8_e4m3fn")
         if group.strategy == "block":
             rows, cols = group.block
             expected = (-(-n // rows), -(-k // cols))

@@ -29,7 +29,7 @@ import torch
 
 from ...config_reader import FieldReader
 from ..decoded import IntMatrix
-from ..spec import INT_BITS, QuantizationError, WeightSpec
+from ..spec import INT_BITS, QuantizationError, WeightSpec, compile_patterns
 from .base import (CONFIG_FIELD, Piece, WeightFormat, expect_dtype, matches_module, module_aliases, packed_words,
                    unpack_int32)
 
@@ -57,16 +57,19 @@ class GptqFormat(WeightFormat):
         self.blocks = [b for item in blocks for b in ([item] if isinstance(item, str) else item)]
         self.blocks = [n.strip() for b in self.blocks for n in b.split(",") if n.strip()]
         self.skip = f.raw("modules_to_not_convert", None) or []
+        if not isinstance(self.skip, list) or not all(isinstance(s, str) for s in self.skip):
+            raise QuantizationError(f"{f.where('modules_to_not_convert')} must be a list of module names, got "
+                                    f"{self.skip!r}")
         self.lm_head = f.bool("lm_head", False)
         self.overrides = self._overrides(f)
 
     def _settings(self, f: FieldReader, where: str, base: dict | None = None) -> dict:
-        base = base or {}
+        override, base = base is not None, base or {}
         bits = f.int("bits", base.get("bits", 4))
         group = f.int("group_size", base.get("group_size", 128))
         sym = f.bool("sym", base.get("sym", True))
         act_order = f.bool("desc_act", base.get("desc_act", False))
-        if bits < FLOAT_BITS and bits not in INT_BITS:
+        if bits not in INT_BITS and not (override and bits >= FLOAT_BITS):
             raise QuantizationError(f"{f.where('bits')}{where}: {bits}-bit weights are not supported (thinktalk "
                                     f"computes with {' and '.join(map(str, INT_BITS))}-bit integer weights)")
         if group != -1 and group < 1:
@@ -78,13 +81,19 @@ class GptqFormat(WeightFormat):
         """(pattern or exact name, settings or None for 'kept in float'), in config order."""
         found: list[tuple[re.Pattern | str, dict | None]] = []
         dynamic = f.raw("dynamic", None) or {}
+        if not isinstance(dynamic, dict):
+            raise QuantizationError(f"{f.where('dynamic')} must map module patterns to settings, got {dynamic!r}")
         for key, value in dynamic.items():
             negative, pattern = key.startswith("-:"), re.sub(r"^[+-]:", "", key)
             pattern = pattern[3:] if pattern.startswith("re:") else pattern
             settings = None if negative else self._settings(FieldReader(value or {}, f.file, f"{f.prefix}dynamic."
                                                                         f"{key}."), "", self.base)
-            found.append((re.compile(pattern), settings))
+            if settings is not None and settings["bits"] >= FLOAT_BITS:
+                settings = None
+            found.append((compile_patterns([pattern], f"{f.where('dynamic')} key {key!r}")[0], settings))
         extra = f.raw("extra_config", None) or {}
+        if not isinstance(extra, dict):
+            raise QuantizationError(f"{f.where('extra_config')} must map module names to settings, got {extra!r}")
         for name, value in extra.items():
             settings = self._settings(FieldReader(value or {}, f.file, f"{f.prefix}extra_config.{name}."), "",
                                       self.base)
