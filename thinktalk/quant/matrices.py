@@ -34,7 +34,9 @@ from .spec import INT4_KERNEL_GROUPS, QuantizationError, WeightSpec
 
 INT4_MIDPOINT = 8  # the kernels' code offset: w = (q - 8) * scale + offset
 INT8_MIDPOINT = 128  # unsigned 8-bit codes -> signed int8
-FP8_TO_HALF_SCALE = 256.0  # e4m3 bits placed in a float16's exponent/mantissa read 2**-8 of the e4m3 value
+FP8_TO_HALF_SCALE = 256.0
+UNIFORM_INT4_STD = (255 / 12) ** 0.5  # std of codes uniform on 0..15
+UNIFORM_INT8_STD = (65535 / 12) ** 0.5  # std of codes uniform on -128..127  # e4m3 bits placed in a float16's exponent/mantissa read 2**-8 of the e4m3 value
 
 
 def _frozen(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
@@ -64,6 +66,11 @@ class QuantMatrices(nn.Module, ABC):
     @abstractmethod
     def store(self, matrix: IntMatrix | Fp8Matrix, index: int | None = None) -> None:
         """Write one decoded matrix (from a checkpoint or the on-load quantizer) into slot `index`."""
+
+    @abstractmethod
+    def random_(self, generator: torch.Generator, std: float) -> None:
+        """Fill every matrix with random codes, drawn directly in the stored form (no float copy), whose
+        dequantised values have mean ~0 and standard deviation ~std (the full-size benches' random weights)."""
 
     def _slot(self, tensor: torch.Tensor, index: int | None) -> torch.Tensor:
         return tensor if index is None else tensor[index]
@@ -113,6 +120,15 @@ class Int4Matrices(QuantMatrices):
         restored = torch.empty_like(w)
         restored[:, self._slot(self.perm, index)] = w  # column j of w is input channel perm[j]
         return restored
+
+    def random_(self, generator, std):
+        # Every byte is two valid codes in either layout; uniform codes 0..15 have mean 7.5 and std ~4.61.
+        self.packed.random_(0, 256, generator=generator)
+        scale = std / UNIFORM_INT4_STD
+        self.scale_zero[..., 0].fill_(scale)
+        self.scale_zero[..., 1].fill_(0.5 * scale)  # (7.5 - 8) * scale + offset = 0
+        if self.perm is not None:
+            self.perm.copy_(torch.arange(self.in_features).expand_as(self.perm))
 
     def store(self, matrix, index=None):
         assert isinstance(matrix, IntMatrix) and matrix.bits == 4, matrix
@@ -176,6 +192,12 @@ class Int8Matrices(QuantMatrices):
             w = w + self._slot(self.offset, index).repeat_interleave(group, 1)
         return w
 
+    def random_(self, generator, std):
+        self.q.random_(-128, 128, generator=generator)  # uniform codes: mean -0.5, std ~73.9
+        self.scale.fill_(std / UNIFORM_INT8_STD)
+        if self.offset is not None:
+            self.offset.fill_(0.5 * std / UNIFORM_INT8_STD)
+
     def store(self, matrix, index=None):
         assert isinstance(matrix, IntMatrix) and matrix.bits == 8, matrix
         assert matrix.group_of is None and matrix.groups == self.groups, (matrix.groups, self.groups)
@@ -210,6 +232,13 @@ class Fp8Matrices(QuantMatrices):
         bits = self._slot(self.bits, index)
         scale = self._slot(self.scale, index).repeat_interleave(self.block_k, dim=1)[:, : self.in_features]
         return (fp8_e4m3_bits_to_half(bits).float() * (scale.float() * FP8_TO_HALF_SCALE)).to(self.dtype)
+
+    def random_(self, generator, std):
+        # N(0, 1) values as e4m3 (all finite), drawn one matrix at a time: one float temporary of one matrix.
+        for matrix in self.bits.view(-1, self.out_features, self.in_features):
+            draw = torch.empty(matrix.shape, device=matrix.device).normal_(generator=generator)
+            matrix.copy_(draw.to(torch.float8_e4m3fn).view(torch.uint8))
+        self.scale.fill_(std)
 
     def store(self, matrix, index=None):
         assert isinstance(matrix, Fp8Matrix) and matrix.block_k == self.block_k, matrix
