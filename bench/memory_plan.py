@@ -1,6 +1,8 @@
-"""A COMPUTED memory plan (not a measurement): the full Instruct model in bf16 with a 120-second video on one GPU.
+"""A COMPUTED memory plan (not a measurement): the full Instruct model with a 120-second video on one GPU.
 
     python bench/memory_plan.py [--seconds 120] [--width 1920 --height 1080] [--device-gib 80] [--reserved-gib 1.5]
+                                [--precision bfloat16|fp8|int8|int4]
+    python bench/memory_plan.py --table         # every precision on 24, 48 and 80 GiB devices: what fits
 
 The prompt is counted the way thinktalk.processing counts it: frames sampled at 2 fps, each resized under the
 video pixel budget, one token per 32x32 pixels per pair of frames, the sound track's tokens interleaved by time
@@ -26,11 +28,11 @@ from thinktalk.config import parse_config  # noqa: E402
 from thinktalk.engine import memory  # noqa: E402
 from thinktalk.engine.thinker_runner import PREFILL_CHUNK  # noqa: E402
 from thinktalk.models.audio_encoder import audio_token_count  # noqa: E402
-from thinktalk.models.omni import OmniModel  # noqa: E402
 from thinktalk.models.vision_encoder import GROUP_PATCHES  # noqa: E402
 from thinktalk.processing.audio import AudioFeatureConfig  # noqa: E402
 from thinktalk.processing.vision import (VisionProcessorConfig, sample_count, smart_resize,  # noqa: E402
                                          video_frame_max_pixels)
+from thinktalk.quant.sizes import PRECISIONS, model_bytes  # noqa: E402
 
 NATIVE_FPS = 30.0  # a typical camera rate; the sampler keeps 2 per second whatever it is
 TEMPLATE_TOKENS = 32  # <|im_start|>user ... <|im_end|> <|im_start|>assistant, a short question, the vision markers
@@ -59,16 +61,20 @@ def main() -> None:
     parser.add_argument("--device-gib", type=float, default=80.0)
     parser.add_argument("--reserved-gib", type=float, default=1.5)
     parser.add_argument("--reply-tokens", type=int, default=1024)
+    parser.add_argument("--precision", choices=PRECISIONS, default="bfloat16",
+                        help="the weights' precision (quantized: attention and experts; the rest bf16)")
+    parser.add_argument("--table", action="store_true", help="every precision on 24, 48 and 80 GiB devices")
     args = parser.parse_args()
     cfg = parse_config(json.loads(FULL_CONFIG.read_text()), FULL_CONFIG)
-    with torch.device("meta"):
-        model = OmniModel(cfg, audio_output=True).to(torch.bfloat16)
-    weights = memory.parameter_bytes(model)
+    if args.table:
+        return table(cfg, args)
+    weights = model_bytes(cfg, args.precision).total
     prompt = video_prompt_tokens(cfg, args.seconds, args.width, args.height)
     total = int((args.device_gib - args.reserved_gib) * memory.GIB)
     plan = memory.plan_memory(cfg, torch.bfloat16, weights, total, max_prompt=prompt["prompt tokens"])
     needed = prompt["prompt tokens"] + args.reply_tokens
-    print("COMPUTED PLAN, NOT A MEASUREMENT: Qwen3-Omni-30B-A3B-Instruct (thinker + talker + code2wav), bf16")
+    print(f"COMPUTED PLAN, NOT A MEASUREMENT: Qwen3-Omni-30B-A3B-Instruct (thinker + talker + code2wav), "
+          f"{args.precision} weights, bf16 compute and KV cache")
     print(f"device {args.device_gib:g} GiB, of which {args.reserved_gib:g} GiB assumed taken before the model")
     print(f"input: {args.seconds:g} s video {args.width}x{args.height} with its sound track")
     for name, value in prompt.items():
@@ -81,6 +87,35 @@ def main() -> None:
           f"{needed * kv / memory.GIB:.2f} GiB")
     verdict = "fits" if plan.max_len >= needed else "does NOT fit"
     print(f"needed {needed} slots, plan gives {plan.max_len}: {verdict} (margin {plan.max_len - needed} slots)")
+
+
+def slots(cfg, weights: int, total: int, prompt: int) -> int:
+    """Cache slots a plan leaves one request whose chunks attend `prompt` slots (0 when nothing fits)."""
+    try:
+        return memory.plan_memory(cfg, torch.bfloat16, weights, total, max_prompt=prompt).max_len
+    except ValueError:
+        return 0
+
+
+def table(cfg, args) -> None:
+    """Cache slots left for one request, per precision and device size, and the longest video that fits (tried in
+    10-second steps up to 20 minutes, the audio limit; '+': even the longest)."""
+    print("COMPUTED PLAN, NOT A MEASUREMENT: Qwen3-Omni-30B-A3B-Instruct, bf16 compute and KV cache, "
+          f"{args.reserved_gib:g} GiB taken before the model, {args.width}x{args.height} video with its sound, "
+          f"{args.reply_tokens}-token reply")
+    print(f"{'weights':9} {'GiB':>6} | " + " | ".join(f"{d:>3} GiB device: slots, longest video" for d in (24, 48, 80)))
+    videos = {s: video_prompt_tokens(cfg, s, args.width, args.height)["prompt tokens"] for s in range(10, 1201, 10)}
+    for precision in PRECISIONS:
+        weights = model_bytes(cfg, precision).total
+        cells = []
+        for device in (24, 48, 80):
+            total = int((device - args.reserved_gib) * memory.GIB)
+            longest = max((s for s, p in videos.items() if p + args.reply_tokens <= slots(cfg, weights, total, p)),
+                          default=0)
+            free = slots(cfg, weights, total, 8192)
+            cells.append(f"{free:>9} slots, {longest:>4} s{'+' if longest == max(videos) else ' '}" if free
+                         else f"{'does not fit':>24}")
+        print(f"{precision:9} {weights / memory.GIB:6.2f} | " + " | ".join(f"{c:>33}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -127,3 +127,19 @@ def test_info_prints_memory_per_precision(tmp_path, capsys):
     for precision, gib in (("bfloat16", "65.7"), ("fp8", "35.4"), ("int8", "34.9"), ("int4", "20.5")):
         assert any(line.split()[:3] == [precision, gib, "GiB"] for line in out.splitlines()), out
     assert "<- --quantize" in next(line for line in out.splitlines() if line.split()[:1] == ["int4"])
+
+
+def test_memory_planner_sizes_the_cache_from_the_quantized_weights():
+    """On a 24 GiB GPU the bf16 Instruct model does not fit at all; in int4 the planner leaves thousands of KV
+    slots, and fp8 leaves fewer than int4 on a 48 GiB one."""
+    from thinktalk.engine import memory
+
+    cfg = parse_config(full_config_dict())
+    device = 24 * GIB
+    with pytest.raises(ValueError, match="do not fit"):
+        memory.plan_memory(cfg, torch.bfloat16, model_bytes(cfg, "bfloat16").total, device)
+    plan = memory.plan_memory(cfg, torch.bfloat16, model_bytes(cfg, "int4").total, device, max_prompt=8192)
+    assert plan.max_len > 8192
+    on_48 = {p: memory.plan_memory(cfg, torch.bfloat16, model_bytes(cfg, p).total, 2 * device, max_prompt=8192)
+             for p in ("fp8", "int4")}
+    assert on_48["int4"].max_len > on_48["fp8"].max_len > 0
