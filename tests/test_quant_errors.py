@@ -384,3 +384,13 @@ def test_float_checkpoint_with_quantized_pieces(source, tmp_path):
     path = edited(source, tmp_path, tensors=edit)
     fails(path, CheckpointError, rf"tensor {name(Q)}\.weight_packed is a piece of a quantized matrix, but .*has no "
                                  rf"quantization_config")
+
+
+def test_quantize_on_load_of_a_checkpoint_holding_quantized_pieces(source, tmp_path):
+    def edit(t):
+        t[f"{Q}.weight_packed"] = t.pop(f"{Q}.weight")
+
+    path = edited(source, tmp_path, tensors=edit)
+    fails(path, CheckpointError, rf"tensor {name(Q)}\.weight_packed is a piece of a quantized matrix, but config\.json "
+                                 rf"has no quantization_config, and quantize on load needs a float checkpoint",
+          quantize="int4")

@@ -27,6 +27,7 @@ from .decoded import concat_rows
 from .formats.base import EXPERT_PARTS, MatrixReader, Piece
 from .matrices import QuantMatrices
 from .modules import QuantExperts, QuantLinear
+from .on_load import OnLoadReader
 from .spec import QuantizationError
 
 
@@ -113,15 +114,21 @@ class QuantSources:
         return sorted(key for slot in self.slots for key in slot.needed())
 
     def explain_unexpected(self, keys: list[str]) -> str | None:
+        on_load = isinstance(self.reader, OnLoadReader)
+        source = (f"quantize on load ({self.reader.describe()})" if on_load
+                  else f"quantization_config ({self.reader.describe()})")
         pieces_of = {name: pieces for slot in self.slots for name, pieces in slot.pieces.items()}
         for key in keys:
+            if on_load and key.rpartition(".")[2] in QUANTIZED_SUFFIXES:
+                return (f"tensor {key} is a piece of a quantized matrix, but config.json has no "
+                        f"quantization_config, and quantize on load needs a float checkpoint")
             module = key.rpartition(".")[0]
             if module in pieces_of:
                 wanted = ", ".join(f"{module}.{suffix}" for suffix in pieces_of[module])
-                return (f"tensor {key} does not belong to {module}'s quantized form: quantization_config "
-                        f"({self.reader.describe()}) quantizes {module}, stored as {wanted}")
+                return (f"tensor {key} does not belong to {module}'s quantized form: {source} quantizes {module}, "
+                        f"stored as {wanted}")
         for key in keys:
             if key.rpartition(".")[2] in QUANTIZED_SUFFIXES:
-                return (f"tensor {key} is a piece of a quantized matrix, but quantization_config "
-                        f"({self.reader.describe()}) keeps {key.rpartition('.')[0]} in float")
+                return (f"tensor {key} is a piece of a quantized matrix, but {source} keeps "
+                        f"{key.rpartition('.')[0]} in float")
         return None
