@@ -165,3 +165,29 @@ def test_grouped_prefill_sized_tiles():
 def test_group_not_a_multiple_of_16_is_refused():
     with pytest.raises(ValueError, match="multiple of 16"):
         tk._blocks(1, 256, 24, tk.INT8, torch.float32)
+
+
+@pytest.mark.parametrize("spec", [INT4_G32, INT4_G32_ACT, INT8_ASYM, FP8_BLOCK], ids=lambda s: s.describe())
+def test_quantized_experts_on_the_cuda_path_equal_float_experts(spec):
+    """QuantExperts built for CUDA (its GROUPED path: grouped_matmul for both projections) against the float
+    Experts holding the dequantised weights; idle experts and uneven groups included."""
+    from thinktalk.layers.moe import Experts, ExpertPath
+    from thinktalk.quant.modules import QuantExperts
+
+    gen = torch.Generator().manual_seed(5)
+    num, hidden, inter, tokens, top_k = 6, 128, 64, 7, 2
+    quantized = QuantExperts(num, hidden, inter, spec, spec, torch.float32, "cuda").to_empty(device="cpu")
+    reference = Experts(num, hidden, inter)
+    for e in range(num):
+        quantized.gate_up_proj.store(decoded(spec, 2 * inter, hidden, gen), e)
+        quantized.down_proj.store(decoded(spec, hidden, inter, gen), e)
+        with torch.no_grad():
+            reference.gate_up_proj[e] = quantized.gate_up_proj.dequantize(e)
+            reference.down_proj[e] = quantized.down_proj.dequantize(e)
+    x = torch.randn(tokens, hidden, generator=gen)
+    chosen = torch.stack([torch.tensor([0, 2, 5])[torch.randperm(3, generator=gen)[:top_k]] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen).softmax(-1)
+    assert quantized.choose_path(x) is ExpertPath.GROUPED
+    with torch.inference_mode():
+        ours, theirs = quantized(x, weights, chosen), reference(x, weights, chosen, path=ExpertPath.BLOCKS)
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * theirs.abs().max().item(), rtol=0)

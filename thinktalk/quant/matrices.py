@@ -17,7 +17,8 @@ expert dim of a fused MoE projection. Three forms (`matrices_for(spec)` picks on
         CPU: dequantised per product, through float16 bit arithmetic (5x faster than torch's fp8 cast here; no CPU
         kernel takes fp8 weights with float activations). FP8 saves memory on the CPU, not time.
 
-On CUDA every product goes to thinktalk/quant/triton_kernels.py (sync-free, capturable in a CUDA graph).
+Built for CUDA (layout "plain"), every product goes to thinktalk/quant/triton_kernels.py (sync-free, capturable in a
+CUDA graph); the same objects on CPU tensors run those kernels in Triton's interpreter, which is how tests check them.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Int4Matrices(QuantMatrices):
         if self.perm is not None:
             x = x.index_select(-1, self._slot(self.perm, index))
         packed, scale_zero = self._slot(self.packed, index), self._slot(self.scale_zero, index)
-        if x.device.type == "cpu":
+        if self.layout == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, self.group, scale_zero)
         from . import triton_kernels
 
@@ -175,7 +176,7 @@ class Int8Matrices(QuantMatrices):
         if self.groups > 1:
             return F.linear(x, self.dequantize(index))
         q, scale = self._slot(self.q, index), self._slot(self.scale, index)[:, 0]
-        if x.device.type == "cpu":
+        if self.layout == "cpu":
             out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
         else:
             from . import triton_kernels
@@ -221,7 +222,7 @@ class Fp8Matrices(QuantMatrices):
         self.scale = _frozen(lead + (out_features, -(-in_features // self.block_k)), dtype)
 
     def matmul(self, x, index=None):
-        if x.device.type == "cpu":
+        if self.layout == "cpu":
             return F.linear(x, self.dequantize(index))
         from . import triton_kernels
 

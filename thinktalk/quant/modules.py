@@ -45,7 +45,7 @@ class QuantExperts(ExpertsBase):
     def choose_path(self, x: torch.Tensor) -> ExpertPath:
         # The CPU's int4/int8 kernels take one matrix at a time: blocks of rows per expert (a host sync, free on
         # the CPU). On CUDA the Triton kernels take every expert at once from the sorted rows, sync-free.
-        return ExpertPath.BLOCKS if x.device.type == "cpu" else ExpertPath.GROUPED
+        return ExpertPath.BLOCKS if self.down_proj.layout == "cpu" else ExpertPath.GROUPED
 
     def run_sorted(self, rows: torch.Tensor, sorted_: SortedAssignments, path: ExpertPath) -> torch.Tensor:
         if path is ExpertPath.BLOCKS:
