@@ -127,7 +127,7 @@ def test_quantized_experts_equal_float_experts_on_the_dequantised_weights(dtype)
     torch.testing.assert_close(ours, theirs, atol=atol, rtol=0 if dtype == torch.float32 else 2e-2)
 
 
-def test_moe_combine_is_bit_identical_run_to_run_and_accumulates_in_float32():
+def test_moe_combine_is_bit_identical_run_to_run_and_sums_in_float32():
     gen = torch.Generator().manual_seed(4)
     experts = _experts(8, 32, 16, gen).bfloat16()
     x = torch.randn(33, 32, generator=gen).bfloat16()
@@ -140,8 +140,8 @@ def test_moe_combine_is_bit_identical_run_to_run_and_accumulates_in_float32():
             (e, torch.nn.functional.linear(x[t:t + 1], experts.gate_up_proj[e]).chunk(2, -1))
             for t in range(33) for e in chosen[t].tolist())]
     assert all(torch.equal(runs[0], run) for run in runs[1:])
-    outs = torch.cat(per_slot).view(33, 4, 32).float()
-    expected = (outs * weights.float().unsqueeze(-1)).sum(1).bfloat16()  # float32 sum, one rounding
+    products = torch.cat(per_slot).view(33, 4, 32) * weights.unsqueeze(-1)  # rounded to bf16, as the reference
+    expected = products.float().sum(1).bfloat16()  # float32 sum, one rounding
     torch.testing.assert_close(runs[0], expected, atol=0, rtol=1e-2)
 
 

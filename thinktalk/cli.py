@@ -28,7 +28,7 @@ def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
                              + ("" if required else " (default: the built-in demo checkpoint)"))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on cuda, float32 on cpu")
+                        help="default: bfloat16 on cuda, float32 on cpu (bfloat16 there too with quantized weights)")
     parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
                         help="quantize a float checkpoint as it loads (the thinker's and talker's attention and "
                              "experts; int4: about 20 GiB for the 30B-A3B Instruct model); a checkpoint stored "

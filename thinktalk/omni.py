@@ -83,12 +83,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint directory {text!r} does not exist")
 
 
-def _pick_device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+def _pick_device_and_dtype(device, dtype, quantized: bool = False) -> tuple[torch.device, torch.dtype]:
+    """Default dtype: bfloat16 on CUDA, and on the CPU for quantized weights (the CPU's int4/int8 kernels are fast in
+    bfloat16 only); float32 otherwise."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" or quantized else torch.float32
     if isinstance(dtype, str):
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
@@ -118,10 +120,10 @@ class Omni:
         is recognised from its config and loads in its own form, without this."""
         directory = resolve_checkpoint(path)
         cfg = load_config(directory)
-        device, dtype = _pick_device_and_dtype(device, dtype)
+        quantization = quantization_for(cfg, directory / "config.json", quantize)
+        device, dtype = _pick_device_and_dtype(device, dtype, quantized=quantization is not None)
         if audio_output is None:
             audio_output = cfg.has_audio_output
-        quantization = quantization_for(cfg, directory / "config.json", quantize)
         tokenizer = Tokenizer.from_dir(directory)
         with torch.device("meta"):
             model = OmniModel(cfg, audio_output=audio_output)

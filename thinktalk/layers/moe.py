@@ -91,7 +91,7 @@ def experts_gathered(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tens
     flat = experts.reshape(-1)  # assignment a = token * top_k + slot
     gate, up = torch.bmm(gate_up[flat], rows).squeeze(-1).chunk(2, dim=-1)  # (tokens * top_k, inter) each
     out = torch.bmm(down[flat], (F.silu(gate) * up).unsqueeze(-1)).view(tokens, top_k, -1)
-    return weighted_sum(out, weights).to(x.dtype)
+    return weighted_sum(out, weights)
 
 
 # (x rows of one expert, expert index) -> x @ W[expert].T: how a block of rows meets one expert's matrix
@@ -133,13 +133,12 @@ def sort_assignments(experts: torch.Tensor, num_experts: int) -> SortedAssignmen
 
 
 def weighted_sum(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out: (tokens, top_k, hidden) expert outputs; weights: (tokens, top_k) -> (tokens, hidden) float32.
+    """out: (tokens, top_k, hidden) expert outputs; weights: (tokens, top_k) -> (tokens, hidden) in out's dtype.
 
-    One batched product in float32 (a fixed reduction order): one rounding at the end (by the caller) instead of
-    top_k roundings in an order an atomic add would choose, so runs are bit-identical. Costs one float32 copy of
-    `out` (tokens * top_k * hidden * 4 bytes; memory.py counts it) and two kernels, where a loop over the slots
-    cost 2 * top_k + 1 (measured: the loop was ~6% of a quantized decode step at the released widths)."""
-    return torch.bmm(weights.float().unsqueeze(1), out.float()).squeeze(1)
+    As the reference's grouped experts do: each product rounded to the model's dtype, then one sum over the top-k
+    axis, which torch accumulates in float32 and rounds once, in a fixed order (no atomic add, whose order and k
+    roundings would change from run to run), so runs are bit-identical."""
+    return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
 
 
 class Router(nn.Module):
@@ -184,7 +183,7 @@ class ExpertsBase(nn.Module, ABC):
         sorted_ = sort_assignments(experts, self.num_experts)
         out = self.run_sorted(x[sorted_.token_of_row], sorted_, path)  # (tokens * top_k, hidden) by expert
         unsorted = torch.empty_like(out).index_copy_(0, sorted_.order, out)  # back to assignment order
-        return weighted_sum(unsorted.view(tokens, top_k, -1), weights).to(x.dtype)
+        return weighted_sum(unsorted.view(tokens, top_k, -1), weights)
 
 
 class Experts(ExpertsBase):
