@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -10,6 +11,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets tests import the sibling helper module `checkpoints`
+
+import torch  # noqa: E402
+
+# Without a GPU, Triton's interpreter runs thinktalk's CUDA kernels on CPU tensors (tests/test_triton_kernels.py). It
+# is chosen when triton is imported, which transformers does while pytest collects, so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from checkpoints import build_reference, save_reference, tiny_config_dict  # noqa: E402
 
