@@ -36,6 +36,8 @@ class RopeConfig:
     theta: float
     # (T, H, W) frequency counts of TM-RoPE; None for plain 1-D rotary. Sum == head_dim // 2.
     mrope_section: tuple[int, int, int] | None = None
+    # Qwen3-Omni assigns the frequencies to T/H/W interleaved, Qwen2.5-Omni in three contiguous runs (layers/rotary.py).
+    mrope_interleaved: bool = True
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,10 @@ class MoeConfig:
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """A pre-norm decoder stack with GQA attention, q/k RMSNorm and a dense or sparse MLP."""
+    """A pre-norm decoder stack with GQA attention, q/k RMSNorm and a dense or sparse MLP.
+
+    Qwen3 (the defaults): q/k RMSNorm, biases on all four projections only when `attention_bias`. Qwen2 / Qwen2.5:
+    `qk_norm=False`, `qkv_bias=True` (biased q/k/v, unbiased o)."""
 
     vocab_size: int
     hidden_size: int
@@ -66,6 +71,8 @@ class DecoderConfig:
     attention_bias: bool = False
     max_position_embeddings: int = 32768
     moe: MoeConfig | None = None
+    qk_norm: bool = True
+    qkv_bias: bool = False
 
     def layer_is_sparse(self, layer_idx: int) -> bool:
         moe = self.moe

@@ -31,7 +31,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                   cfg.rms_norm_eps, bias=cfg.attention_bias)
+                                   cfg.rms_norm_eps, bias=cfg.attention_bias or cfg.qkv_bias, qk_norm=cfg.qk_norm,
+                                   output_bias=cfg.attention_bias)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.layer_is_sparse(layer_idx):
             self.mlp = SparseMoe(cfg.hidden_size, cfg.moe)
@@ -50,7 +51,7 @@ class DecoderStack(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope.theta, cfg.rope.mrope_section)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope.theta, cfg.rope.mrope_section, cfg.rope.mrope_interleaved)
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
                    cache: "LayerCaches | None" = None, slots: torch.Tensor | None = None,

@@ -68,11 +68,15 @@ def sinusoid_positions(length: int, channels: int, device: torch.device) -> torc
 
 
 class AudioAttention(nn.Module):
-    def __init__(self, cfg: AudioEncoderConfig):
+    """Whisper-style encoder attention; `key_bias=False` for encoders whose k_proj has no bias (Qwen2.5-Omni's).
+
+    Reads d_model and num_heads from `cfg`, so Qwen2.5-Omni's audio config (same field names) builds it too."""
+
+    def __init__(self, cfg: AudioEncoderConfig, key_bias: bool = True):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.d_model // cfg.num_heads
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=key_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
 
@@ -84,10 +88,12 @@ class AudioAttention(nn.Module):
 
 
 class AudioEncoderLayer(nn.Module):
-    def __init__(self, cfg: AudioEncoderConfig):
+    """Pre-norm Whisper encoder layer; reads d_model, num_heads, ffn_dim and activation from `cfg`."""
+
+    def __init__(self, cfg: AudioEncoderConfig, key_bias: bool = True):
         super().__init__()
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model, eps=LAYER_NORM_EPS)
-        self.self_attn = AudioAttention(cfg)
+        self.self_attn = AudioAttention(cfg, key_bias)
         self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=LAYER_NORM_EPS)
         self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model)

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import VisionEncoderConfig
 from ..layers.activation import activation_by_name
 from ..layers.encoder_attention import PackedSequences, group_by_budget, packed_attention
-from ..layers.rotary import apply_rotary
+from ..layers.rotary import apply_rotary, axial_rotary
 
 ROPE_THETA = 10000.0  # the vision config carries no rope_theta; the reference uses its default
 LAYER_NORM_EPS = 1e-6
@@ -60,6 +60,22 @@ def bilinear_taps(size: int, side: int, device: torch.device) -> tuple[torch.Ten
     frac = src - low
     low = low.long()
     return low, (low + 1).clamp(max=side - 1), frac
+
+
+def check_patches(pixel_patches: torch.Tensor, grid_thw: torch.Tensor, patch_numel: int,
+                  merge: int) -> list[tuple[int, int, int]]:
+    """Validate a vision encoder's inputs against their grids; -> the grids as (t, h, w) tuples."""
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.shape[0] < 1:
+        raise ValueError(f"grid_thw must have shape (n >= 1, 3), got {tuple(grid_thw.shape)}")
+    grids = [tuple(g) for g in grid_thw.tolist()]
+    for t, h, w in grids:
+        if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
+            raise ValueError(f"grid (t={t}, h={h}, w={w}): sizes must be >= 1 and h, w multiples of {merge}")
+    num_patches = sum(t * h * w for t, h, w in grids)
+    if pixel_patches.shape != (num_patches, patch_numel):
+        raise ValueError(f"pixel_patches must have shape ({num_patches}, {patch_numel}) for grids {grids}, "
+                         f"got {tuple(pixel_patches.shape)}")
+    return grids
 
 
 class PatchEmbed(nn.Module):
@@ -203,19 +219,9 @@ class VisionEncoder(nn.Module):
         return [self.merger(x)] + outputs
 
     def _check(self, pixel_patches: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
-        cfg, merge = self.cfg, self.cfg.spatial_merge_size
-        patch_numel = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
-        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.shape[0] < 1:
-            raise ValueError(f"grid_thw must have shape (n >= 1, 3), got {tuple(grid_thw.shape)}")
-        grids = [tuple(g) for g in grid_thw.tolist()]
-        for t, h, w in grids:
-            if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
-                raise ValueError(f"grid (t={t}, h={h}, w={w}): sizes must be >= 1 and h, w multiples of {merge}")
-        num_patches = sum(t * h * w for t, h, w in grids)
-        if pixel_patches.shape != (num_patches, patch_numel):
-            raise ValueError(f"pixel_patches must have shape ({num_patches}, {patch_numel}) for grids {grids}, "
-                             f"got {tuple(pixel_patches.shape)}")
-        return grids
+        cfg = self.cfg
+        return check_patches(pixel_patches, grid_thw, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2,
+                             cfg.spatial_merge_size)
 
     def _frame_tables(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One (h, w) frame's tables in processor patch order, float32: learned positions (h*w, hidden) and the
@@ -235,13 +241,6 @@ class VisionEncoder(nn.Module):
                 + fr * (1 - fc) * table[r1][:, c0] + fr * fc * table[r1][:, c1])
 
     def _rotary(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """2-D rotary tables (patches, head_dim) float32 for patches at (rows, cols): a quarter of head_dim's angles
-        follow the row, a quarter the column, each pair at the same frequencies; [row | col | row | col] for
-        rotate-half."""
-        quarter = self.cfg.hidden_size // self.cfg.num_heads // 4
-        inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(quarter, dtype=torch.float, device=rows.device) / quarter))
-        angles = torch.stack((rows, cols), dim=1).float()[:, :, None] * inv_freq  # (patches, 2, quarter)
-        angles = angles.flatten(1)  # (patches, head_dim/2) = [row angles | col angles]
-        emb = torch.cat((angles, angles), dim=1)
-        return emb.cos(), emb.sin()
+        """2-D rotary tables (patches, head_dim) float32 for patches at (rows, cols) (layers/rotary.py)."""
+        return axial_rotary(rows, cols, self.cfg.hidden_size // self.cfg.num_heads, ROPE_THETA)
 
