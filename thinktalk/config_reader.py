@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A checkpoint config is missing a field, has a wrong type, or is inconsistent. Names the field and file."""
 
 

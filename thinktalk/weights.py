@@ -26,11 +26,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .errors import InputError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint's weight files do not match the model its config describes."""
 
 

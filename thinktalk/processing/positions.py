@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ThinkerConfig
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class MediaLayout:
     videos: tuple[VideoGrid, ...] = ()
 
 
-class PositionError(ValueError):
+class PositionError(InputError):
     """Token ids and media metadata disagree (e.g. more placeholders than media)."""
 
 
