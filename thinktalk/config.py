@@ -503,16 +503,8 @@ def parse_config(data: dict, file: Path | str = "config.json", generation: dict 
     talker = _parse_talker(f.sub("talker_config"), thinker) if audio_out else None
     code2wav = _parse_code2wav(f.sub("code2wav_config")) if audio_out else None
     im_end = f.int("im_end_token_id", 151645)
-    thinker_sampling, talker_sampling, stops = DEFAULT_THINKER_SAMPLING, DEFAULT_TALKER_SAMPLING, [im_end]
-    if generation is not None:
-        g = FieldReader(generation, generation_file)
-        thinker_sampling = _parse_sampling(g, DEFAULT_THINKER_SAMPLING)
-        talker_sampling = _parse_sampling(g, DEFAULT_TALKER_SAMPLING, prefix="talker_")
-        eos = g.raw("eos_token_id", [])
-        eos = [eos] if isinstance(eos, int) else eos
-        if not isinstance(eos, list) or not all(isinstance(e, int) for e in eos):
-            raise g.fail("eos_token_id", f"must be an id or a list of ids, got {eos!r}")
-        stops += [e for e in eos if e not in stops]
+    thinker_sampling, talker_sampling, stops = parse_generation(generation, generation_file, im_end,
+                                                                DEFAULT_TALKER_SAMPLING)
     return OmniConfig(
         thinker=thinker,
         talker=talker,
@@ -527,9 +519,26 @@ def parse_config(data: dict, file: Path | str = "config.json", generation: dict 
         tts_eos_token_id=f.int("tts_eos_token_id", 151673),
         thinker_sampling=thinker_sampling,
         talker_sampling=talker_sampling,
-        stop_token_ids=tuple(stops),
+        stop_token_ids=stops,
         quantization=_parse_quantization(f),
     )
+
+
+def parse_generation(generation: dict | None, generation_file: Path | str, im_end: int,
+                     talker_default: SamplingConfig) -> tuple[SamplingConfig, SamplingConfig, tuple[int, ...]]:
+    """`generation_config.json` (None: absent) -> (thinker sampling, talker sampling, the ids that end the thinker's
+    reply: im_end, then the file's eos ids). Unset keys keep the reference's defaults (the talker's `talker_` keys
+    over `talker_default`, which differs by family)."""
+    if generation is None:
+        return DEFAULT_THINKER_SAMPLING, talker_default, (im_end,)
+    g = FieldReader(generation, generation_file)
+    eos = g.raw("eos_token_id", [])
+    eos = [eos] if isinstance(eos, int) else eos
+    if not isinstance(eos, list) or not all(isinstance(e, int) for e in eos):
+        raise g.fail("eos_token_id", f"must be an id or a list of ids, got {eos!r}")
+    stops = [im_end] + [e for e in eos if e != im_end]
+    return (_parse_sampling(g, DEFAULT_THINKER_SAMPLING), _parse_sampling(g, talker_default, prefix="talker_"),
+            tuple(dict.fromkeys(stops)))
 
 
 def _parse_quantization(f: FieldReader) -> QuantizationSection | None:
@@ -550,14 +559,19 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: is not valid JSON ({error})") from None
 
 
-def load_config(checkpoint_dir: Path | str) -> OmniConfig:
-    """Parse `config.json` (and `generation_config.json` when present) of a checkpoint directory."""
+def read_checkpoint_configs(checkpoint_dir: Path | str, family: str) -> tuple[dict, Path, dict | None, Path]:
+    """(config.json, its path, generation_config.json or None, its path) of a checkpoint directory of `family`."""
     directory = Path(checkpoint_dir)
     config_file = directory / "config.json"
     if not directory.is_dir():
-        raise ConfigError(f"{directory}: is not a directory (expected a Qwen3-Omni checkpoint directory)")
+        raise ConfigError(f"{directory}: is not a directory (expected a {family} checkpoint directory)")
     if not config_file.is_file():
         raise ConfigError(f"{config_file}: missing (every checkpoint directory needs its config.json)")
     generation_file = directory / "generation_config.json"
     generation = _read_json(generation_file) if generation_file.is_file() else None
-    return parse_config(_read_json(config_file), config_file, generation, generation_file)
+    return _read_json(config_file), config_file, generation, generation_file
+
+
+def load_config(checkpoint_dir: Path | str) -> OmniConfig:
+    """Parse `config.json` (and `generation_config.json` when present) of a checkpoint directory."""
+    return parse_config(*read_checkpoint_configs(checkpoint_dir, "Qwen3-Omni"))
