@@ -11,7 +11,7 @@ import pytest
 import torch
 from checkpoints_qwen2_5 import load_thinktalk, tiny_checkpoint
 
-from thinktalk.models.qwen2_5.audio_encoder import audio_token_count
+from thinktalk.config_qwen2_5 import audio_token_count
 from thinktalk.models.qwen2_5.thinker import MediaEmbeds
 from thinktalk.processing.qwen2_5_inputs import QWEN2_5_VISION, qwen2_5_audio_features
 from thinktalk.processing.qwen2_5_positions import (MediaLayout, PositionError, VideoGrid, qwen2_5_rope_positions,

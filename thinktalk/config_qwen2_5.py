@@ -70,6 +70,19 @@ class Qwen25VisionConfig:
         return self.window_size // self.spatial_merge_size // self.patch_size
 
 
+def audio_steps(frames: int) -> int:
+    """Audio encoder steps after its stride-2 conv (the reference's `(n - 1) // 2 + 1`); 0 stays 0."""
+    return (frames - 1) // 2 + 1 if frames > 0 else 0
+
+
+def audio_token_count(frames: int) -> int:
+    """Audio placeholder tokens for `frames` mel frames: the stride-2 conv, then pairs averaged (an odd last step is
+    dropped); it does not depend on the encoder's chunking. Here so that processing and models, which must agree,
+    share one definition without importing each other."""
+    steps = audio_steps(frames)
+    return (steps - 2) // 2 + 1 if steps >= 2 else 0
+
+
 def _parse_audio(f: FieldReader) -> Qwen25AudioConfig:
     d_model, heads = f.int("d_model", minimum=1), f.int("encoder_attention_heads", minimum=1)
     if d_model % heads:

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from ..config_qwen2_5 import audio_token_count  # noqa: F401  (re-exported: placeholder counts)
 from .audio import AudioFeatureConfig, log_mel_features
 from .vision import VisionProcessorConfig
 
@@ -35,12 +36,6 @@ def audio_frames(samples: int, cfg: AudioFeatureConfig = QWEN2_5_AUDIO) -> int:
     """Mel frames of a clip of `samples` samples: the extractor's attention mask counts every hop that starts
     inside the clip."""
     return math.ceil(samples / cfg.hop_length)
-
-
-def audio_token_count(frames: int) -> int:
-    """Audio placeholder tokens for `frames` mel frames (the encoder's stride-2 conv, then 2x pooling)."""
-    steps = (frames - 1) // 2 + 1 if frames > 0 else 0
-    return (steps - 2) // 2 + 1 if steps >= 2 else 0
 
 
 def qwen2_5_audio_features(waveform, cfg: AudioFeatureConfig = QWEN2_5_AUDIO) -> torch.Tensor:

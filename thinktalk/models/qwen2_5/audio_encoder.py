@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config_qwen2_5 import Qwen25AudioConfig
+from ...config_qwen2_5 import Qwen25AudioConfig, audio_steps, audio_token_count
 from ...layers.encoder_attention import PackedSequences, group_by_budget
 from ..audio_encoder import LAYER_NORM_EPS, AudioEncoderLayer, sinusoid_positions
 
@@ -30,18 +30,6 @@ CONV_KERNEL, CONV_PADDING, CONV2_STRIDE = 3, 1, 2
 # Chunks (2 s each) run through the stem and the layers together, at most this many at a time: at the released widths
 # (d_model 1280, ffn 5120) about 0.3 GB of float32 activations, whatever the length of the audio.
 GROUP_CHUNKS = 64
-
-
-def after_conv(frames: int) -> int:
-    """Steps left after the stride-2 conv (the reference's `(n - 1) // 2 + 1`); 0 stays 0."""
-    return (frames - 1) // 2 + 1 if frames > 0 else 0
-
-
-def audio_token_count(frames: int) -> int:
-    """Tokens for `frames` mel frames: the stride-2 conv, then pairs averaged (the reference's
-    `((n - 1) // 2 + 1 - 2) // 2 + 1`). It does not depend on the chunking."""
-    steps = after_conv(frames)
-    return (steps - 2) // 2 + 1 if steps >= 2 else 0
 
 
 def chunk_lengths(frames: int, n_window: int) -> list[int]:
@@ -70,7 +58,7 @@ class Qwen25AudioEncoder(nn.Module):
                                  f"got {tuple(mel.shape)}")
         chunks = [(i, start, length) for i, mel in enumerate(features)
                   for start, length in self._chunk_starts(mel.shape[1])]
-        steps = [after_conv(length) for _, _, length in chunks]
+        steps = [audio_steps(length) for _, _, length in chunks]
         hidden = self.conv1.weight.new_empty(sum(steps), self.cfg.d_model)  # every audio's steps, end to end
         done, first = 0, 0
         for group in group_by_budget([1] * len(chunks), group_chunks):
@@ -86,7 +74,7 @@ class Qwen25AudioEncoder(nn.Module):
         return list(zip(starts, lengths))
 
     def _encode_chunks(self, chunks: list[torch.Tensor]) -> torch.Tensor:
-        """Chunks (mel, n_k) -> their valid steps end to end after the stem and the layers: (sum after_conv(n_k), d)."""
+        """Chunks (mel, n_k) -> their valid steps end to end after the stem and the layers: (sum audio_steps(n_k), d)."""
         weight = self.conv1.weight
         longest = max(c.shape[1] for c in chunks)
         # (chunks, mel, longest), zero-padded; `valid` marks each chunk's own frames
@@ -96,7 +84,7 @@ class Qwen25AudioEncoder(nn.Module):
         h = F.gelu(self.conv1(x)) * valid[:, None, :].to(x.dtype)
         h = F.gelu(self.conv2(h)).transpose(1, 2)  # (chunks, steps, d_model)
         h = h + sinusoid_positions(h.shape[1], h.shape[2], h.device).to(h.dtype)
-        steps = [after_conv(c.shape[1]) for c in chunks]
+        steps = [audio_steps(c.shape[1]) for c in chunks]
         kept = torch.arange(h.shape[1], device=h.device)[None, :] < torch.tensor(steps, device=h.device)[:, None]
         x = h[kept]  # (sum of steps, d_model), chunk after chunk
         packing = PackedSequences.from_lengths(steps, x.device)  # attention within each chunk
@@ -108,7 +96,7 @@ class Qwen25AudioEncoder(nn.Module):
         """Average each audio's steps in pairs (0, 1), (2, 3), ...; then ln_post and proj, per audio."""
         outputs, start = [], 0
         for count in frames:
-            steps = after_conv(count)
+            steps = audio_steps(count)
             pairs = audio_token_count(count)
             own = hidden[start:start + 2 * pairs].view(pairs, 2, -1)
             outputs.append(self.proj(self.ln_post(own.mean(dim=1))))
