@@ -77,8 +77,6 @@ CASES = {
                                MediaFetchError, "example.com"),
     "unknown part type": (lambda t: user({"type": "hologram", "hologram": 1}), PromptError, "hologram"),
     "media part without media": (lambda t: user({"type": "image"}), PromptError, "image"),
-    "literal placeholder without media": (lambda t: user({"type": "text", "text": "<|image_pad|>"}), PromptError,
-                                          "placeholders"),
 }
 
 

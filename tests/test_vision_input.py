@@ -26,12 +26,12 @@ from thinktalk.processing.vision import (
     VisionProcessorConfig,
     image_patches,
     load_image,
-    load_video,
     sample_count,
     smart_resize,
     video_frame_max_pixels,
     video_patches,
 )
+from thinktalk.processing.video import load_video
 
 qwen2_vl_pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 

@@ -8,8 +8,11 @@
     video with use_audio_in_video                       -> <|vision_start|><|audio_start|> video and audio pads
                                                            interleaved by time <|audio_end|><|vision_end|>
 
-The ChatML text is rendered with one pad per item and tokenized whole (pads are atomic special tokens, so no text
-token crosses one); then each pad is replaced by its item's run of pads. Earlier assistant turns lose their
+The ChatML text is rendered with one pad per item and tokenized (pads are atomic special tokens, so no text token
+crosses one); then each pad is replaced by its item's run of pads. Message text, tool definitions and tool results
+are the caller's pieces of that text: control-token strings in them are tokenized as ordinary text (unless
+`MediaOptions.trusted_text`), so only the builder places control tokens. Every input error raised while a part is
+prepared carries the part's place (InputError.location). Earlier assistant turns lose their
 `<think>...</think>` blocks, as the Thinking model's template does. Remote URLs are fetched only when allowed.
 """
 
@@ -23,13 +26,16 @@ from typing import Any
 import torch
 
 from ..config import ThinkerConfig
-from ..models.audio_encoder import audio_token_count
+from ..shapes import audio_token_count
+from ..shapes import downsampled_length
 from .audio import AudioFeatureConfig, load_audio, log_mel_features
 from .positions import MediaLayout, VideoGrid, interleave_by_time, vision_positions
-from .prompt import ROLES, ChatTemplate, PromptError
-from .tokenizer import Tokenizer
+from ..errors import InputError
+from .prompt import ROLES, ChatTemplate, PromptError, PromptText
+from .tokenizer import Tokenizer, check_encodable
 from .tools import render_tool_calls, render_tool_response, render_tools
-from .vision import VisionProcessorConfig, image_patches, load_video, video_patches
+from .video import load_video
+from .vision import VisionProcessorConfig, image_patches, video_patches
 
 PART_ALIASES = {"image_url": "image", "audio_url": "audio", "input_audio": "audio", "video_url": "video"}
 MEDIA_KINDS = ("image", "audio", "video")
@@ -80,9 +86,16 @@ class PreparedPrompt:
 
 @dataclass(frozen=True)
 class MediaOptions:
+    """How prompts are prepared. Audio (video sound tracks included) is bounded by `max_audio_seconds`, or when None
+    by what the model's context holds; videos by `max_video_seconds` (None: no limit). `trusted_text`: message text
+    may write control tokens (the old behaviour, for callers that write their own ChatML)."""
+
     audio: AudioFeatureConfig
     vision: VisionProcessorConfig
     allow_remote: bool = False
+    max_audio_seconds: float | None = None
+    max_video_seconds: float | None = None
+    trusted_text: bool = False
 
 
 def _resolve_source(value: Any, options: MediaOptions, where: str) -> Any:
@@ -109,15 +122,25 @@ def _fetch(url: str, where: str, limit: int = 256 * 2**20) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (scheme checked by the caller)
             data = response.read(limit + 1)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a URL urllib cannot parse (bad IPv6 literal, bad port)
         raise MediaFetchError(f"{where}: could not fetch {url[:80]!r} ({error})") from None
     if len(data) > limit:
         raise MediaFetchError(f"{where}: {url[:80]!r} is larger than {limit} bytes")
     return data
 
 
+def audio_seconds_limit(options: MediaOptions, cfg: ThinkerConfig) -> float:
+    """The longest audio input: the configured limit, or the length whose tokens fill the model's context."""
+    if options.max_audio_seconds is not None:
+        return options.max_audio_seconds
+    chunk_frames = 2 * cfg.audio.n_window  # the encoder's chunk: its tokens and its seconds
+    chunk_seconds = chunk_frames * options.audio.hop_length / options.audio.sampling_rate
+    return cfg.text.max_position_embeddings / downsampled_length(chunk_frames) * chunk_seconds
+
+
 def prepare_audio(source: Any, options: MediaOptions, cfg: ThinkerConfig) -> AudioItem:
-    features = log_mel_features(load_audio(source, cfg=options.audio), options.audio)
+    wave = load_audio(source, cfg=options.audio, max_seconds=audio_seconds_limit(options, cfg))
+    features = log_mel_features(wave, options.audio)
     return AudioItem(features, audio_token_count(features.shape[1], cfg.audio.n_window))
 
 
@@ -125,7 +148,7 @@ def prepare_video(source: Any, options: MediaOptions, cfg: ThinkerConfig, with_a
     if isinstance(source, (list, tuple)) or hasattr(source, "shape"):
         frames, fps = source, options.vision.video_fps  # already-sampled frames at the configured rate
     else:
-        frames, fps = load_video(source, options.vision)
+        frames, fps = load_video(source, options.vision, options.max_video_seconds)
     patches, grid, seconds = video_patches(frames, fps, options.vision)
     audio = prepare_audio(source, options, cfg) if with_audio else None
     return VideoItem(patches, tuple(int(x) for x in grid.reshape(-1).tolist()), float(seconds), audio)
@@ -163,14 +186,15 @@ class _PromptBuilder:
             "video": "<|vision_start|><|video_pad|><|vision_end|>",
         }
 
-    def render_part(self, role: str, part: Any, where: str) -> str:
+    def render_part(self, role: str, part: Any, where: str) -> PromptText:
         kind = part.get("type") if isinstance(part, dict) else None
         kind = PART_ALIASES.get(kind, kind)
         if kind == "text":
             text = part.get("text")
             if not isinstance(text, str):
                 raise PromptError(f"{where}: a text part needs a string 'text', got {text!r:.80}")
-            return THINK_BLOCK.sub("", text) if role == "assistant" else text
+            check_encodable(text, where)
+            return PromptText().caller(THINK_BLOCK.sub("", text) if role == "assistant" else text)
         if kind not in MEDIA_KINDS:
             raise PromptError(f"{where}: unknown part type {kind!r}; expected text, image, audio or video")
         source = _resolve_source(_media_value(part, kind, where), self.options, where)
@@ -182,31 +206,41 @@ class _PromptBuilder:
         else:
             item = prepare_video(source, self.options, self.cfg, self.use_audio_in_video)
         self.pending[kind].append(item)
-        return self.placeholder[kind]
+        return PromptText().builder(self.placeholder[kind])
 
-    def render(self, messages: list, add_generation_prompt: bool, tools: list | None = None) -> str:
+    def render(self, messages: list, add_generation_prompt: bool, tools: list | None = None) -> PromptText:
         if not isinstance(messages, list) or not messages:
             raise PromptError("messages must be a non-empty list of {'role', 'content'} objects")
-        t, pieces = self.template, []
+        t, out = self.template, PromptText()
         if tools and not (isinstance(messages[0], dict) and messages[0].get("role") == "system"):
-            pieces.append(f"{t.im_start}system\n{render_tools(tools, None)}{t.im_end}\n")
+            out.builder(f"{t.im_start}system\n").add(render_tools(tools, None)).builder(f"{t.im_end}\n")
         for index, message in enumerate(messages):
-            if isinstance(message, dict) and message.get("role") == "tool":
-                pieces.append(self._tool_result(messages, index))
-                continue
-            role, parts = _content_parts(message, index)
-            body = "".join(self.render_part(role, part, f"message {index} part {j}") for j, part in enumerate(parts))
-            if role == "system" and index == 0 and tools:
-                body = render_tools(tools, body)
-            if role == "assistant" and message.get("tool_calls"):
-                calls = render_tool_calls(message["tool_calls"], f"message {index}")
-                body += calls if body else calls.lstrip("\n")
-            pieces.append(f"{t.im_start}{role}\n{body}{t.im_end}\n")
+            try:
+                out.add(self._message(messages, index, tools))
+            except InputError as error:
+                raise error.at(index) from None
         if add_generation_prompt:
-            pieces.append(f"{t.im_start}assistant\n")
-        return "".join(pieces)
+            out.builder(f"{t.im_start}assistant\n")
+        return out
 
-    def _tool_result(self, messages: list, index: int) -> str:
+    def _message(self, messages: list, index: int, tools: list | None) -> PromptText:
+        message, t = messages[index], self.template
+        if isinstance(message, dict) and message.get("role") == "tool":
+            return self._tool_result(messages, index)
+        role, parts = _content_parts(message, index)
+        body = PromptText()
+        for j, part in enumerate(parts):
+            try:
+                body.add(self.render_part(role, part, f"message {index} part {j}"))
+            except InputError as error:
+                raise error.at(index, j) from None
+        if role == "system" and index == 0 and tools:
+            body = render_tools(tools, body)
+        if role == "assistant" and message.get("tool_calls"):
+            body.add(render_tool_calls(message["tool_calls"], f"message {index}", first_on_new_line=bool(body)))
+        return PromptText().builder(f"{t.im_start}{role}\n").add(body).builder(f"{t.im_end}\n")
+
+    def _tool_result(self, messages: list, index: int) -> PromptText:
         """Consecutive tool results share one user turn of <tool_response> blocks."""
         content = messages[index].get("content")
         if not isinstance(content, str):
@@ -215,9 +249,9 @@ class _PromptBuilder:
             "role") == "tool"
         next_is_tool = index + 1 < len(messages) and isinstance(messages[index + 1], dict) and messages[
             index + 1].get("role") == "tool"
-        opening = "" if previous_is_tool else f"{self.template.im_start}user"
-        closing = "" if next_is_tool else f"{self.template.im_end}\n"
-        return f"{opening}\n{render_tool_response(content)}{closing}"
+        out = PromptText().builder("" if previous_is_tool else f"{self.template.im_start}user")
+        out.builder("\n").add(render_tool_response(content))
+        return out.builder("" if next_is_tool else f"{self.template.im_end}\n")
 
     def expand(self, ids: list[int]) -> PreparedPrompt:
         cfg, merge = self.cfg, self.cfg.vision.spatial_merge_size
@@ -266,4 +300,4 @@ def build_prompt(messages: list, tokenizer: Tokenizer, cfg: ThinkerConfig, optio
                  tools: list | None = None) -> PreparedPrompt:
     builder = _PromptBuilder(tokenizer, cfg, options, use_audio_in_video)
     text = builder.render(messages, add_generation_prompt, tools)
-    return builder.expand(tokenizer.encode(text))
+    return builder.expand(tokenizer.encode_pieces(text.pieces, split_special=not options.trusted_text))

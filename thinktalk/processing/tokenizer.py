@@ -16,10 +16,14 @@ import binascii
 import codecs
 import importlib.resources
 import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
+
+from .prompt import PromptError
 
 # Qwen2/Qwen3 pre-tokenizer regex: contractions, words with at most one leading non-letter,
 # single digits, punctuation runs (with trailing newlines), newline runs, and whitespace runs that
@@ -281,6 +285,10 @@ class Tokenizer:
         self._special_ids = frozenset(token_id for token_id, token in added.items() if token.special)
         # Inverse of the byte-level alphabet: stand-in char -> the byte it represents.
         self._char_to_byte = {char: byte for byte, char in enumerate(byte_level_alphabet())}
+        # Any added token's text, longest first (so that the longest match wins, as the backend's matcher does).
+        names = sorted({content for content in self._added.values() if content}, key=len, reverse=True)
+        self._added_text = re.compile("|".join(re.escape(name) for name in names)) if names else None
+        self._id_of_added = {content: token_id for token_id, content in self._added.items()}
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -325,7 +333,46 @@ class Tokenizer:
         """Token ids of `text`; added tokens written in the text are matched atomically."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        check_encodable(text, "text")
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text` with no added token matched: "<|im_end|>" is the BPE of its 10 characters. The same
+        pipeline as `encode` (normaliser, pre-tokeniser, BPE) minus the added-token matcher."""
+        check_encodable(text, "text")
+        backend = self._backend
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        words = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
+        return [token.id for word, _ in words for token in backend.model.tokenize(word)]
+
+    def encode_pieces(self, pieces: Iterable[tuple[str, bool]], split_special: bool = True) -> list[int]:
+        """Token ids of a prompt given as (text, trusted) pieces (processing/prompt.py's PromptText).
+
+        Added-token strings in trusted pieces are those tokens. With `split_special`, untrusted pieces are ordinary
+        text: the text between two trusted added tokens is encoded as one run, so the ids equal `encode` of the
+        joined text whenever no untrusted piece spells an added token (the common case takes `encode` itself).
+        """
+        pieces = list(pieces)
+        whole = "".join(text for text, _ in pieces)
+        pattern = self._added_text
+        if not split_special or pattern is None or not any(
+                pattern.search(text) for text, trusted in pieces if not trusted):
+            return self.encode(whole)
+        ids: list[int] = []
+        run: list[str] = []  # ordinary text since the last control token
+        for text, trusted in pieces:
+            if not trusted:
+                run.append(text)
+                continue
+            at = 0
+            for match in pattern.finditer(text):
+                run.append(text[at:match.start()])
+                ids += self.encode_ordinary("".join(run)) if any(run) else []
+                ids.append(self._id_of_added[match.group()])
+                run, at = [], match.end()
+            run.append(text[at:])
+        return ids + (self.encode_ordinary("".join(run)) if any(run) else [])
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; invalid UTF-8 byte sequences become U+FFFD."""
@@ -356,6 +403,15 @@ class Tokenizer:
         if not isinstance(token_id, int) or not 0 <= token_id < self._vocab_size:
             raise ValueError(f"token id {token_id!r} is outside the vocabulary [0, {self._vocab_size})")
         return token_id
+
+
+def check_encodable(text: str, what: str) -> None:
+    """Text the tokenizer can take: valid Unicode (a lone surrogate, from JSON's "\\ud800", is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PromptError(f"{what}: character {error.start} is a lone surrogate ({text[error.start]!r}), which is "
+                          "not valid Unicode text") from None
 
 
 class IncrementalDetokenizer:

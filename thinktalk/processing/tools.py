@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .prompt import PromptError
+from .prompt import PromptError, PromptText
 
 TOOLS_PREAMBLE = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -50,22 +50,27 @@ class ToolCall:
     raw: str  # the block's text as the model wrote it
 
 
-def render_tools(tools: list, system_text: str | None) -> str:
-    """The system turn's body: the caller's system text (if any), a blank line, then the tool definitions."""
+def render_tools(tools: list, system: PromptText | None) -> PromptText:
+    """The system turn's body: the caller's system text (if any), a blank line, then the tool definitions (the
+    caller's JSON inside the builder's preamble)."""
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise PromptError(f"tools must be a list of JSON objects, got {tools!r:.80}")
-    lines = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
-    prefix = f"{system_text}\n\n" if system_text else ""
-    return f"{prefix}{TOOLS_PREAMBLE}{lines}{TOOLS_POSTAMBLE}"
+    out = PromptText()
+    if system:
+        out.add(system).builder("\n\n")
+    out.builder(TOOLS_PREAMBLE)
+    for index, tool in enumerate(tools):
+        out.builder("\n").caller(_json(tool, f"tools[{index}]"))
+    return out.builder(TOOLS_POSTAMBLE)
 
 
-def render_tool_calls(calls: Any, where: str) -> str:
+def render_tool_calls(calls: Any, where: str, first_on_new_line: bool = True) -> PromptText:
     """An assistant turn's `tool_calls` (OpenAI form {"function": {"name", "arguments"}} or {"name", "arguments"})
-    -> `<tool_call>` blocks, each on its own lines."""
+    -> `<tool_call>` blocks, each on its own lines (the first without its leading newline when it opens the turn)."""
     if not isinstance(calls, list):
         raise PromptError(f"{where}: tool_calls must be a list, got {calls!r:.80}")
-    blocks = []
-    for call in calls:
+    blocks = PromptText()
+    for index, call in enumerate(calls):
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise PromptError(f"{where}: each tool call needs a function name, got {call!r:.80}")
@@ -75,13 +80,21 @@ def render_tool_calls(calls: Any, where: str) -> str:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError:
                 raise PromptError(f"{where}: tool call arguments are not valid JSON: {arguments!r:.80}") from None
-        payload = json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
-        blocks.append(f"\n<tool_call>\n{payload}\n</tool_call>")
-    return "".join(blocks)
+        payload = _json({"name": function["name"], "arguments": arguments}, where)
+        opening = "\n<tool_call>\n" if index or first_on_new_line else "<tool_call>\n"
+        blocks.builder(opening).caller(payload).builder("\n</tool_call>")
+    return blocks
 
 
-def render_tool_response(content: str) -> str:
-    return f"<tool_response>\n{content}\n</tool_response>"
+def _json(value: Any, where: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as error:  # not JSON data (objects, sets), or circular
+        raise PromptError(f"{where}: cannot be written as JSON ({error})") from None
+
+
+def render_tool_response(content: str) -> PromptText:
+    return PromptText().builder("<tool_response>\n").caller(content).builder("\n</tool_response>")
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:

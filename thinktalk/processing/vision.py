@@ -19,6 +19,7 @@ import binascii
 import io
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,11 +29,19 @@ import torch
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import MediaError
+
 # PIL resampling filter ids as stored in preprocessor_config.json ("resample": 3 is bicubic).
 PIL_BICUBIC = 3
 DATA_URL_PREFIX = "data:"
 BASE64_MARKER = ";base64"
 ERROR_NAME_CHARS = 64  # how much of a long source (data URL, bytes) an error message quotes
+ERROR_CAUSE_CHARS = 200  # how much of a decoder's own message an error quotes
+# What Pillow raises for data it cannot decode: its plugins reject headers with SyntaxError, struct.error, IndexError,
+# KeyError or TypeError, unsupported variants with OSError / NotImplementedError / ValueError, short data with
+# EOFError / OSError, and absurd header fields surface as OverflowError or ZeroDivisionError.
+PILLOW_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, NotImplementedError, struct.error, IndexError,
+                        KeyError, TypeError, OverflowError, ZeroDivisionError)
 RGB_CHANNELS = 3
 WHITE = (255, 255, 255, 255)
 
@@ -107,7 +116,7 @@ def _pixel_bounds(blob: dict, min_key: str, max_key: str) -> dict[str, int]:
     return out
 
 
-class VisionInputError(ValueError):
+class VisionInputError(MediaError):
     """An image or video input cannot be used; the message names the input."""
 
 
@@ -123,27 +132,35 @@ def _describe(source: Any) -> str:
     return repr(str(source))
 
 
-def _decode_data_url(url: str) -> bytes:
+def _decode_data_url(url: str, mime: str = "image/") -> bytes:
     header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(BASE64_MARKER) or not header[len(DATA_URL_PREFIX):].startswith("image/"):
-        raise VisionInputError(f"{_describe(url)}: not a base64 image data URL (data:image/...;base64,...)")
+    if not sep or not header.endswith(BASE64_MARKER) or not header[len(DATA_URL_PREFIX):].startswith(mime):
+        kind = f"{mime.rstrip('/')} " if mime else ""
+        raise VisionInputError(f"{_describe(url)}: not a base64 {kind}data URL (data:{mime or 'type/'}...;base64,...)")
     try:
         return base64.b64decode(payload, validate=True)
     except binascii.Error as exc:
         raise VisionInputError(f"{_describe(url)}: invalid base64 payload ({exc})") from exc
 
 
-def _source_bytes(source: str | Path | bytes | bytearray) -> bytes:
+def _cause(error: BaseException) -> str:
+    """A decoder's exception as a short clause for an error message."""
+    return f"{type(error).__name__}: {str(error)[:ERROR_CAUSE_CHARS]}"
+
+
+def _source_bytes(source: str | Path | bytes | bytearray, what: str = "image") -> bytes:
     if isinstance(source, (bytes, bytearray)):
         return bytes(source)
     if isinstance(source, str) and source.startswith(DATA_URL_PREFIX):
         return _decode_data_url(source)
     if isinstance(source, str) and "://" in source:
         raise VisionInputError(f"{_describe(source)}: URLs are not fetched; pass a local path, bytes or data URL")
-    path = Path(source)
-    if not path.is_file():
-        raise VisionInputError(f"{_describe(source)}: no such image file")
-    return path.read_bytes()
+    try:
+        return Path(source).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise VisionInputError(f"{_describe(source)}: no such {what} file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name; OSError: too long, no permission
+        raise VisionInputError(f"{_describe(source)}: cannot read the {what} file ({_cause(exc)})") from None
 
 
 def _check_pixels(width: int, height: int, name: str, cfg: VisionProcessorConfig) -> None:
@@ -162,14 +179,19 @@ def _decode(data: bytes, name: str, cfg: VisionProcessorConfig) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as exc:
-        raise VisionInputError(f"{name}: refused as a decompression bomb ({exc})") from exc
-    except UnidentifiedImageError as exc:
-        raise VisionInputError(f"{name}: unsupported or corrupt image format") from exc
+        raise VisionInputError(f"{name}: refused as a decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise VisionInputError(f"{name}: unsupported or corrupt image format") from None
+    except PILLOW_DECODE_ERRORS as exc:
+        raise VisionInputError(f"{name}: unsupported or corrupt image ({_cause(exc)})") from None
     _check_pixels(image.width, image.height, name, cfg)
     try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise VisionInputError(f"{name}: truncated or corrupt image data ({exc})") from exc
+        image.load()  # some formats (ICNS, ICO) settle on their real size only here, after Pillow's own bomb check
+    except Image.DecompressionBombError as exc:
+        raise VisionInputError(f"{name}: refused as a decompression bomb ({exc})") from None
+    except PILLOW_DECODE_ERRORS as exc:
+        raise VisionInputError(f"{name}: truncated or corrupt image data ({_cause(exc)})") from None
+    _check_pixels(image.width, image.height, name, cfg)
     return image
 
 
@@ -195,10 +217,14 @@ def load_image(source: Any, cfg: VisionProcessorConfig | None = None) -> Image.I
         _check_pixels(source.width, source.height, name, cfg)
         image = source
     elif isinstance(source, (str, Path, bytes, bytearray)):
-        image = _decode(_source_bytes(source), _describe(source), cfg)
+        name = _describe(source)
+        image = _decode(_source_bytes(source), name, cfg)
     else:
         raise VisionInputError(f"{type(source).__name__} input: expected a path, bytes, data URL or PIL image")
-    return to_rgb(ImageOps.exif_transpose(image))
+    try:
+        return to_rgb(ImageOps.exif_transpose(image))  # a broken EXIF block or an unconvertible mode fails here
+    except PILLOW_DECODE_ERRORS as exc:
+        raise VisionInputError(f"{name}: cannot orient or convert the {image.mode} image to RGB ({_cause(exc)})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------- resizing
@@ -336,57 +362,3 @@ def sample_count(total_frames: int, native_fps: float, cfg: VisionProcessorConfi
     if high < 1:
         raise VisionInputError("video with no frames")
     return min(max(wanted, low), high)
-
-
-def _sample_indices(total_frames: int, native_fps: float, cfg: VisionProcessorConfig) -> list[int]:
-    count = sample_count(total_frames, native_fps, cfg)
-    return torch.linspace(0, total_frames - 1, count).round().long().tolist()
-
-
-def _decode_selected(av: Any, path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-    """Decode the first video stream keeping only frames whose index is in `wanted`; also the decoded count."""
-    kept: dict[int, np.ndarray] = {}
-    total = 0
-    with av.open(path) as container:
-        for total, frame in enumerate(container.decode(video=0), start=1):
-            if total - 1 in wanted:
-                kept[total - 1] = frame.to_ndarray(format="rgb24")
-    return kept, total
-
-
-def _probe(av: Any, path: str) -> tuple[int, float]:
-    """(frame count from the demuxed packets, average frame rate) of the first video stream, without decoding."""
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        native_fps = float(stream.average_rate) if stream.average_rate else 0.0
-        return sum(1 for packet in container.demux(stream) if packet.size), native_fps
-
-
-def load_video(source: str | Path, cfg: VisionProcessorConfig | None = None) -> tuple[list[Image.Image], float]:
-    """Decode a video file with PyAV and sample it at cfg.video_fps -> (RGB frames, real sampled fps).
-
-    Indices are spread evenly from the first to the last frame; the sampled fps is
-    count / total_frames * native_fps, which is what the frame timing really is. Frames are counted from the
-    demuxed packets first so that only the sampled frames are held in memory; if decoding yields a different count
-    the sampling is planned again on the decoded count.
-    """
-    import av  # optional dependency (the `media` extra)
-
-    cfg = cfg or VisionProcessorConfig()
-    name = _describe(source)
-    if not Path(source).is_file():
-        raise VisionInputError(f"{name}: no such video file")
-    try:
-        total, native_fps = _probe(av, str(source))
-        if total < 1 or native_fps <= 0:
-            raise VisionInputError(f"{name}: no video frames or no frame rate")
-        indices = _sample_indices(total, native_fps, cfg)
-        kept, decoded = _decode_selected(av, str(source), set(indices))
-        if decoded != total:
-            total = decoded
-            indices = _sample_indices(total, native_fps, cfg)
-            kept, decoded = _decode_selected(av, str(source), set(indices))
-    except (av.error.FFmpegError, IndexError) as exc:
-        raise VisionInputError(f"{name}: cannot decode video ({exc})") from exc
-    frames = [Image.fromarray(kept[i]) for i in indices]
-    return frames, len(indices) / total * native_fps
