@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,20 +25,26 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.decode_batch import DEFAULT_MAX_LEN, check_batching
+from ..errors import InputError
 from ..omni import Omni
 from .audio_out import supported_formats
 from .chat import build_messages, require_model, stream_settings
 from .completions import Reply, complete, job_events, prefetched, stream_chunks, submit
 from .engine_worker import EngineWorker
-from .errors import APIError, ErrorResponse
+from .errors import APIError, ErrorResponse, request_fields, validation_error
 from .guard import GuardMiddleware
-from .media import MediaPolicy
+from .media import MediaPolicy, engine_media_options
 from .realtime import WorkerStreamRunner, realtime_router, static_router
 from .schemas import ChatCompletion, ChatCompletionRequest, Health, ModelCard, ModelList, ServerLimits
+from .shutdown import EngineServer, engine_stopper
 from .transcription import add_transcription_route
 
 log = logging.getLogger("thinktalk.serve")
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500)}
+# How long SIGINT / SIGTERM waits for open responses: the engine stops first (shutdown.py), so they end at its next
+# iteration; this only bounds a client that is slow to read its last bytes.
+SHUTDOWN_GRACE_SECONDS = 10
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 500)}
+REQUEST_FIELDS = request_fields(ChatCompletionRequest)  # what a validation error's `param` may name
 
 
 @dataclass
@@ -66,13 +71,14 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
     rows = limits.max_active if batch_rows is None else batch_rows
     if rows != 0:
         omni.enable_batching(rows, batch_max_len, compile)
+    omni.media = engine_media_options(omni.media, limits)
     local = Path(allowed_local_media_path).expanduser().resolve(strict=True) if allowed_local_media_path else None
     if local is not None and not local.is_dir():
         raise NotADirectoryError(f"--allowed-local-media-path {local}: not a folder")
     sample_rate = omni.cfg.code2wav.sample_rate if omni.model.talker is not None else 24000
     state = ServerState(
         omni=omni, served_name=served_model_name or omni.path.name,
-        worker=EngineWorker(limits.max_active, limits.max_queued, expected_errors=(ValueError,)),
+        worker=EngineWorker(limits.max_active, limits.max_queued, expected_errors=(InputError,)),
         policy=MediaPolicy(limits, local, allow_remote_media),
         audio_formats=supported_formats(sample_rate), created=int(time.time()))
 
@@ -87,7 +93,8 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
                   description="OpenAI-compatible server for Qwen3-Omni models (thinktalk)")
     app.state.server = state
     _add_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=limits.max_body_bytes,
+                       body_read_timeout=limits.body_read_timeout_seconds)
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:
@@ -108,10 +115,9 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
         require_model(body.model, state.served_name)
         settings = stream_settings(body, omni.voices, omni.model.talker is not None, state.audio_formats,
                                    state.limits)
-        with tempfile.TemporaryDirectory(prefix="thinktalk-media-") as scratch:
-            messages = await run_in_threadpool(build_messages, body, state.policy, Path(scratch))
-            job = submit(state.worker, omni, messages, settings, state.limits)
-            events = await prefetched(job_events(job, request))  # the prompt is prepared: scratch may go
+        messages = await run_in_threadpool(build_messages, body, state.policy)
+        job = submit(state.worker, omni, messages, settings, state.limits)
+        events = await prefetched(job_events(job, request))
         reply = Reply(settings, sample_rate)
         if not body.stream:
             return await complete(events, reply, state.served_name)
@@ -132,16 +138,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = error.errors()
-        first = problems[0] if problems else {"loc": (), "msg": "invalid request", "type": "invalid"}
-        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-        param = ".".join(loc) or None
-        if first.get("type") == "json_invalid":
-            message, code = "the request body is not valid JSON", "invalid_json"
-        else:
-            message, code = f"{param or 'request'}: {first.get('msg', 'invalid value')}", "invalid_request"
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        return APIError(400, (message + more)[:2000], param=param, code=code).response()
+        return validation_error(error.errors(), REQUEST_FIELDS).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -174,4 +171,6 @@ def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: i
                                 quantize=quantize)
     app = create_app(omni, served_model_name, api_key, allowed_local_media_path, allow_remote_media, limits,
                      batch_rows, batch_max_len, compile)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
+    EngineServer(config, engine_stopper(app)).run()

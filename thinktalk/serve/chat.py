@@ -9,11 +9,10 @@ import json
 import math
 import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..processing.tools import ToolCall
 from .errors import APIError, bad_request
-from .media import MediaPolicy, checked_audio, checked_image, decode_base64, fetch, video_file
+from .media import MediaPolicy, checked_audio, checked_image, checked_video, decode_base64, fetch
 from .schemas import (AudioOptions, ChatCompletionRequest, ChatMessage, FunctionCall, ServerLimits,
                       ToolCallModel)
 
@@ -36,7 +35,7 @@ class MediaCount:
                               code="too_many_media")
 
 
-def _part(part, where: str, policy: MediaPolicy, count: MediaCount, chars: list[int], scratch: Path) -> dict:
+def _part(part, where: str, policy: MediaPolicy, count: MediaCount, chars: list[int], with_audio: bool) -> dict:
     limits = policy.limits
     if part.type == "text":
         chars[0] += len(part.text)
@@ -52,11 +51,11 @@ def _part(part, where: str, policy: MediaPolicy, count: MediaCount, chars: list[
         count.add("audio", limits, where)
         return {"type": "audio", "audio": checked_audio(fetch(part.audio_url.url, where, policy), where, limits)}
     count.add("video", limits, where)
-    return {"type": "video", "video": video_file(part.video_url.url, where, policy, scratch)}
+    return {"type": "video", "video": checked_video(part.video_url.url, where, policy, with_audio)}
 
 
 def _message(message: ChatMessage, index: int, policy: MediaPolicy, count: MediaCount, chars: list[int],
-             scratch: Path) -> dict:
+             with_audio: bool) -> dict:
     where = f"messages[{index}]"
     role = "system" if message.role == "developer" else message.role
     content = message.content
@@ -72,7 +71,7 @@ def _message(message: ChatMessage, index: int, policy: MediaPolicy, count: Media
             raise bad_request(f"{where}: content is required", param=f"{where}.content")
         out = {"role": role, "content": None}
     else:
-        out = {"role": role, "content": [_part(p, f"{where}.content[{j}]", policy, count, chars, scratch)
+        out = {"role": role, "content": [_part(p, f"{where}.content[{j}]", policy, count, chars, with_audio)
                                          for j, p in enumerate(content)]}
     if role == "tool" and out["content"] is None:
         raise bad_request(f"{where}: a tool message needs content", param=f"{where}.content")
@@ -83,11 +82,12 @@ def _message(message: ChatMessage, index: int, policy: MediaPolicy, count: Media
     return out
 
 
-def build_messages(request: ChatCompletionRequest, policy: MediaPolicy, scratch: Path) -> list[dict]:
+def build_messages(request: ChatCompletionRequest, policy: MediaPolicy) -> list[dict]:
     """Omni's messages, media loaded and checked. Blocking (decoding, maybe fetching): run off the event loop.
-    Videos given as data or remote URLs are written under `scratch` (needed until the prompt is prepared)."""
+    Videos pass on as their bytes (a file:// URL: as the allowed path), probed but not decoded."""
     count, chars = MediaCount(), [0]
-    messages = [_message(m, i, policy, count, chars, scratch) for i, m in enumerate(request.messages)]
+    with_audio = request.use_audio_in_video
+    messages = [_message(m, i, policy, count, chars, with_audio) for i, m in enumerate(request.messages)]
     if chars[0] > policy.limits.max_text_chars:
         raise bad_request(f"the request holds {chars[0]} characters of text, over the limit of "
                           f"{policy.limits.max_text_chars} (max_text_chars)", param="messages", code="text_too_long")

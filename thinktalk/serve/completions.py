@@ -18,11 +18,12 @@ import numpy as np
 from fastapi import Request
 
 from ..engine.pipeline import AudioChunk, TextDelta
+from ..errors import InputError
 from ..omni import Done, GenerationResult, Omni
 from . import audio_out
 from .chat import TOOL_CALL_MARKER, StreamSettings, TextGate, openai_tool_calls
 from .engine_worker import EngineWorker, Failed, Finished, Job, QueueFull, WorkerStopped
-from .errors import APIError, ErrorBody, ErrorResponse
+from .errors import APIError, ErrorBody, ErrorResponse, input_error
 from .schemas import (ChatCompletion, Choice, CompletionTokensDetails, ReplyAudio, ReplyMessage, ServerLimits,
                       UsageModel)
 
@@ -60,8 +61,8 @@ def submit(worker: EngineWorker, omni: Omni, messages: list, settings: StreamSet
 
 
 def failure(error: BaseException) -> APIError:
-    if isinstance(error, ValueError):
-        return APIError(400, str(error)[:2000], code="invalid_request")
+    if isinstance(error, InputError):
+        return input_error(error)
     if isinstance(error, WorkerStopped):
         return APIError(503, "the server is shutting down", code="server_shutting_down")
     return APIError(500, "the engine failed while answering this request", code="internal_error")

@@ -1,9 +1,11 @@
 """The outermost layer of every request: one log line (method, path, status, duration), the API key (401) and the
 request body's size (413, by Content-Length up front, and by counting the bytes as they arrive: the body is read
-here, bounded, and replayed to the app)."""
+here, bounded, and replayed to the app) and its pace (408 when the next piece of the body does not arrive within
+`body_read_timeout` seconds: a Content-Length larger than the body sent never holds a connection open)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -11,6 +13,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError
+from .schemas import ServerLimits
 
 log = logging.getLogger("thinktalk.serve")
 PROTECTED_PREFIX = "/v1/"  # the API; /health, /openapi.json, /docs and the web page are open
@@ -24,9 +27,17 @@ class BodyTooLarge(APIError):
                          code="request_too_large")
 
 
+class BodyTimeout(APIError):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body stopped arriving: nothing for {seconds:g} s "
+                              "(body_read_timeout_seconds)", code="request_timeout")
+
+
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
+                 body_read_timeout: float = ServerLimits.body_read_timeout_seconds):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.body_read_timeout = body_read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,7 +56,11 @@ class GuardMiddleware:
                 await self._send_error(refusal, logged_send)
                 return
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(receive)
+                try:
+                    body = await self._read_body(receive)
+                except TimeoutError:
+                    await self._send_error(BodyTimeout(self.body_read_timeout), logged_send)
+                    return
                 if body is None:
                     await self._send_error(BodyTooLarge(self.max_body_bytes), logged_send)
                     return
@@ -73,10 +88,11 @@ class GuardMiddleware:
         return None
 
     async def _read_body(self, receive: Receive) -> bytes | None:
-        """The whole body, or None once it passes the limit (the rest is not read)."""
+        """The whole body, or None once it passes the limit (the rest is not read); TimeoutError when the next
+        piece takes longer than `body_read_timeout`."""
         chunks, size = [], 0
         while True:
-            message = await receive()
+            message = await asyncio.wait_for(receive(), self.body_read_timeout)
             if message["type"] != "http.request":
                 return b"".join(chunks)
             chunk = message.get("body", b"")

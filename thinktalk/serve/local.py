@@ -1,4 +1,6 @@
-"""A server on loopback in a background thread (for tests and benchmarks): `with BackgroundServer(app) as url:`."""
+"""A server on loopback in a background thread (for tests and benchmarks): `with BackgroundServer(app) as url:`.
+It is the server `thinktalk serve` runs (shutdown.py's EngineServer): leaving the block shuts it down as SIGINT
+does."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import time
 
 import uvicorn
 from fastapi import FastAPI
+
+from .shutdown import EngineServer, engine_stopper
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -19,8 +23,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 30.0):
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", timeout_graceful_shutdown=5)
+        self.server = EngineServer(config, engine_stopper(app))
         self.thread = threading.Thread(target=self.server.run, name="thinktalk-test-server", daemon=True)
         self.start_timeout = start_timeout
 

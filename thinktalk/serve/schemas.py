@@ -2,6 +2,8 @@
 
 Requests follow OpenAI's Chat Completions schema, plus thinktalk's extensions: content parts `audio_url` and
 `video_url`, the request-level `use_audio_in_video`, and `audio.max_seconds` (a cap on the spoken reply's length).
+Validation is strict: JSON types are taken as they are (no bool for an integer, no string for a bool or a number;
+an integer is a number).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..limits import SEED_LIMIT
+
 AUDIO_FORMATS = ("wav", "pcm16", "flac", "mp3", "opus")
 STREAM_AUDIO_FORMATS = ("pcm16", "wav")  # formats whose chunks can be sent as they are synthesised
 
@@ -18,8 +22,10 @@ STREAM_AUDIO_FORMATS = ("pcm16", "wav")  # formats whose chunks can be sent as t
 @dataclass(frozen=True)
 class ServerLimits:
     max_body_bytes: int = 64 * 2**20  # the whole HTTP request body (413 beyond)
+    body_read_timeout_seconds: float = 30.0  # the longest wait for the next piece of a request body (408 beyond)
     max_media_bytes: int = 32 * 2**20  # one media item, decoded
     max_audio_seconds: float = 20 * 60.0  # one audio input (video sound tracks included)
+    max_video_seconds: float = 20 * 60.0  # one video input, as its container declares it
     max_images: int = 16
     max_videos: int = 4
     max_audios: int = 16
@@ -35,7 +41,7 @@ class ServerLimits:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class URLRef(_Model):
@@ -137,7 +143,7 @@ class ChatCompletionRequest(_Model):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     n: int | None = Field(default=None, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
