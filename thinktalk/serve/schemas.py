@@ -31,6 +31,7 @@ class ServerLimits:
     max_audios: int = 16
     max_image_pixels: int = 64 * 2**20  # width * height before decoding (decompression bombs)
     max_tokens: int = 8192  # the most reply tokens a request may ask for
+    max_model_len: int | None = None  # prompt + reply tokens of one request; None: the checkpoint's context
     default_max_tokens: int = 1024
     max_audio_output_seconds: float = 600.0
     max_text_chars: int = 1_000_000  # all text parts of a request together
@@ -38,6 +39,18 @@ class ServerLimits:
     max_queued: int = 32  # admitted requests waiting for a worker slot (429 beyond)
     retry_after_seconds: int = 1
     remote_timeout_seconds: float = 20.0
+
+    def model_len(self, context: int) -> int:
+        """Prompt + reply tokens one request may take on a model of `context` positions: max_model_len when set
+        (it may lower the context, never raise it), else the context. ValueError names a bad setting."""
+        length = context if self.max_model_len is None else self.max_model_len
+        if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= context:
+            raise ValueError(f"max_model_len must be an integer in [2, {context}] (the checkpoint's "
+                             f"max_position_embeddings), got {self.max_model_len!r}")
+        if self.default_max_tokens >= length:
+            raise ValueError(f"default_max_tokens {self.default_max_tokens} leaves no room for a prompt in "
+                             f"max_model_len {length}")
+        return length
 
 
 class _Model(BaseModel):
