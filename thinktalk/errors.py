@@ -34,6 +34,11 @@ class InputError(ValueError):
         return self
 
 
+class Cancelled(Exception):
+    """Work stopped because its request was cancelled (the client went away, the server is stopping): neither the
+    caller's error nor the engine's. Raised between encoder groups (`should_stop`), caught by the scheduler."""
+
+
 class RequestError(InputError):
     """A request's field or option is invalid, or asks for more than the model or server allows."""
 

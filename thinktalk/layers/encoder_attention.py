@@ -14,10 +14,13 @@ so there are few groups. The grouping is computed once per forward pass and shar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import Cancelled
 
 
 @dataclass(frozen=True)
@@ -79,3 +82,9 @@ def group_by_budget(lengths: list[int], budget: int | None) -> list[list[int]]:
         groups[-1].append(n)
         used += n
     return groups
+
+
+def stop_if_asked(should_stop: Callable[[], bool] | None, between_groups: bool, encoder: str) -> None:
+    """Between two groups of an encoder's work: errors.Cancelled when its request was cancelled meanwhile."""
+    if between_groups and should_stop is not None and should_stop():
+        raise Cancelled(f"the {encoder} encoder stopped between groups: its request was cancelled")

@@ -22,17 +22,17 @@ follows the reference exactly; batching audios of 1 s or more together changes n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import AudioEncoderConfig
+from ..shapes import CONV_KERNEL, CONV_PADDING, CONV_STRIDE, audio_token_count, downsampled_length
 from ..layers.activation import activation_by_name
-from ..layers.encoder_attention import PackedSequences, group_by_budget, packed_attention
+from ..layers.encoder_attention import PackedSequences, group_by_budget, packed_attention, stop_if_asked
 
-# The downsampling stem of AuT: three 3x3 convolutions of stride 2 and padding 1 (8x fewer steps in time and mel).
-CONV_KERNEL, CONV_STRIDE, CONV_PADDING, NUM_CONVS = 3, 2, 1, 3
 SINUSOID_MAX_TIMESCALE = 10000.0  # longest wavelength of the sinusoidal positions (as in Whisper)
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, which the checkpoint was trained with
 # Memory bounds for long audio; neither changes the result. The stem runs at most STEM_GROUP_CHUNKS chunks (1 s
@@ -42,20 +42,6 @@ LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, which the checkpoint was tra
 # activations at d_model 1280, ffn 5120), so 40 minutes need no more than 5.
 STEM_GROUP_CHUNKS = 50
 GROUP_TOKENS = 4096
-
-
-def downsampled_length(length: int) -> int:
-    """Steps left after the three stride-2 convolutions; 0 stays 0 (the reference's `(n - 1) // 2 + 1` form)."""
-    for _ in range(NUM_CONVS):
-        length = (length + 2 * CONV_PADDING - CONV_KERNEL) // CONV_STRIDE + 1
-    return length
-
-
-def audio_token_count(frames: int, n_window: int) -> int:
-    """Tokens the encoder yields for `frames` mel frames: 13 per full chunk of 2*n_window=100 frames plus the
-    downsampled tail. (The reference writes 13 as a literal; it is the downsampled length of a full chunk.)"""
-    full_chunks, tail = divmod(frames, 2 * n_window)
-    return full_chunks * downsampled_length(2 * n_window) + downsampled_length(tail)
 
 
 def sinusoid_positions(length: int, channels: int, device: torch.device) -> torch.Tensor:
@@ -137,10 +123,12 @@ class AudioEncoder(nn.Module):
         """Tokens per attention window: n_window_infer frames (a whole number of chunks) = 104 tokens for 8 s."""
         return downsampled_length(self.chunk_frames) * (self.cfg.n_window_infer // self.chunk_frames)
 
-    def forward(self, features: list[torch.Tensor], group_tokens: int | None = GROUP_TOKENS) -> list[torch.Tensor]:
+    def forward(self, features: list[torch.Tensor], group_tokens: int | None = GROUP_TOKENS,
+                should_stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
         """features[i]: (num_mel_bins, frames_i) log-mel -> [(audio_token_count(frames_i), output_dim)].
 
-        The layers run whole attention windows in groups of at most `group_tokens` tokens (None = all at once)."""
+        The layers run whole attention windows in groups of at most `group_tokens` tokens (None = all at once);
+        `should_stop` is asked before every group after the first, and True raises errors.Cancelled."""
         self._check(features)
         chunks, chunk_frames = self._chunk(features)  # (chunks, mel, longest chunk), (chunks,)
         x = self._embed_chunks(chunks)  # (chunks, steps, d_model)
@@ -151,6 +139,7 @@ class AudioEncoder(nn.Module):
         out = x.new_empty(x.shape[0], self.cfg.output_dim)
         start = 0
         for group in group_by_budget(self.attention_windows(counts), group_tokens):
+            stop_if_asked(should_stop, start > 0, "audio")
             end = start + sum(group)
             out[start:end] = self._run_layers(x[start:end], group)
             start = end

@@ -15,6 +15,7 @@ Module names match the checkpoint keys under `thinker.visual.`; no buffers (rota
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..config import VisionEncoderConfig
 from ..layers.activation import activation_by_name
-from ..layers.encoder_attention import PackedSequences, group_by_budget, packed_attention
+from ..layers.encoder_attention import PackedSequences, group_by_budget, packed_attention, stop_if_asked
 from ..layers.rotary import apply_rotary, axial_rotary
 
 ROPE_THETA = 10000.0  # the vision config carries no rope_theta; the reference uses its default
@@ -173,11 +174,13 @@ class VisionEncoder(nn.Module):
                                          for _ in cfg.deepstack_visual_indexes)
 
     def forward(self, pixel_patches: torch.Tensor, grid_thw: torch.Tensor,
-                group_patches: int | None = GROUP_PATCHES) -> VisionOutput:
+                group_patches: int | None = GROUP_PATCHES,
+                should_stop: Callable[[], bool] | None = None) -> VisionOutput:
         """pixel_patches: (sum t*h*w, C*T*P*P); grid_thw: (n, 3) patches per image or video along (t, h, w).
 
         Frames run through the blocks in groups of at most `group_patches` patches (a larger frame runs alone;
         None = all at once). pixel_patches may stay on the host: each group moves to the weights' device alone.
+        `should_stop` is asked before every group after the first, and True raises errors.Cancelled.
         """
         grids = self._check(pixel_patches, grid_thw)
         if group_patches is not None and group_patches < 1:
@@ -191,6 +194,7 @@ class VisionEncoder(nn.Module):
         tables: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # per frame size: positions, cos, sin
         start, first = 0, 0
         for group in group_by_budget([h * w for h, w in frames], group_patches):
+            stop_if_asked(should_stop, start > 0, "vision")
             end = start + sum(group)
             rows = slice(start // merge_area, end // merge_area)
             group_frames, first = frames[first:first + len(group)], first + len(group)
