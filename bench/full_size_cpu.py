@@ -33,7 +33,7 @@ from decode_bound import copy_bandwidth, decode_step_bytes, read_bandwidth  # no
 
 from thinktalk.config import SamplingConfig, parse_config  # noqa: E402
 from thinktalk.engine.multimodal_inputs import multimodal_prefill_inputs  # noqa: E402
-from thinktalk.engine.sampler import Sampler  # noqa: E402
+from thinktalk.layers.sampler import Sampler  # noqa: E402
 from thinktalk.engine.thinker_runner import ThinkerRunner  # noqa: E402
 from thinktalk.omni import Omni  # noqa: E402
 from thinktalk.processing.audio import AudioFeatureConfig  # noqa: E402

@@ -48,8 +48,10 @@ from thinker_cpu import TokenClock  # noqa: E402  (bench/ is on sys.path when th
 
 from thinktalk.config import SamplingConfig, parse_config  # noqa: E402
 from thinktalk.engine.graphs import StepMode, default_mode  # noqa: E402
-from thinktalk.engine.pipeline import AudioChunk, ThinkerStream  # noqa: E402
-from thinktalk.engine.sampler import Sampler  # noqa: E402
+from thinktalk.engine.encoding import PromptEncoding  # noqa: E402
+from thinktalk.engine.thinker_runner import ThinkerRunner  # noqa: E402
+from thinktalk.events import AudioChunk  # noqa: E402
+from thinktalk.layers.sampler import Sampler  # noqa: E402
 from thinktalk.engine.talker_prompt import build_talker_prefill  # noqa: E402
 from thinktalk.engine.talker_session import TalkerSession  # noqa: E402
 from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs  # noqa: E402
@@ -229,11 +231,14 @@ def ours_talker_seconds(s: Setup, frames: int) -> tuple[float, int]:
     omni, cfg = s.omni, s.omni.cfg
     talker, embed = omni.model.talker, omni.model.thinker.embed
     prompt = omni.prepare(question())
-    thinker = ThinkerStream(omni.model, prompt, SamplingConfig(max_new_tokens=2), None, set(),
-                            cfg.talker.accept_hidden_layer)
-    inputs = thinker.inputs
-    first = embed(torch.tensor([thinker.tokens[0]], device=omni.device))[0]
-    prefill = build_talker_prefill(talker, cfg, inputs.token_ids[0], inputs.embeds[0], thinker.accepted_hidden[0],
+    encoding = PromptEncoding(omni.model.thinker, prompt)
+    while encoding.pending:
+        encoding.run_one()
+    inputs = encoding.inputs(cfg.talker.accept_hidden_layer)
+    runner = ThinkerRunner(omni.model.thinker, 1, inputs.embeds.shape[1])
+    logits, kept = runner.prefill(inputs)
+    first = embed(logits.argmax(-1))[0]
+    prefill = build_talker_prefill(talker, cfg, inputs.token_ids[0], inputs.embeds[0], kept[0],
                                    prompt.layout, prompt.use_audio_in_video, first, cfg.talker.speaker_id(VOICE),
                                    embed)
     session = TalkerSession(talker, cfg, prefill, SamplingConfig(max_new_tokens=frames + 2), mode=s.mode)

@@ -27,7 +27,7 @@ from checkpoints import FULL_CONFIG  # noqa: E402
 from thinktalk.config import parse_config  # noqa: E402
 from thinktalk.engine import memory  # noqa: E402
 from thinktalk.engine.thinker_runner import PREFILL_CHUNK  # noqa: E402
-from thinktalk.models.audio_encoder import audio_token_count  # noqa: E402
+from thinktalk.shapes import audio_token_count  # noqa: E402
 from thinktalk.models.vision_encoder import GROUP_PATCHES  # noqa: E402
 from thinktalk.processing.audio import AudioFeatureConfig  # noqa: E402
 from thinktalk.processing.vision import (VisionProcessorConfig, sample_count, smart_resize,  # noqa: E402

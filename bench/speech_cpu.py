@@ -13,7 +13,6 @@ one-off compile time is printed apart and not counted in the runs).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -27,26 +26,30 @@ from checkpoints import build_reference, load_as_omni, tiny_config_dict  # noqa:
 
 from thinktalk import Omni  # noqa: E402
 from thinktalk.engine.graphs import StepMode  # noqa: E402
-from thinktalk.engine.pipeline import AudioChunk  # noqa: E402
-from thinktalk.omni import Done  # noqa: E402
+from thinktalk.engine.scheduler import Scheduler, SchedulerOptions  # noqa: E402
+from thinktalk.events import AudioChunk, Done, Failed  # noqa: E402
+from thinktalk.replies import stream_spec  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Tell me a short story about the sea."}]
 
 
 def thinktalk_run(omni: Omni, thinker_tokens: int, talker_tokens: int, chunk_frames: int,
                   mode: StepMode | None = None) -> tuple[float, float, float]:
-    """(seconds to the first audio chunk, total seconds, seconds of audio). mode: how the talker steps run."""
-    speech = omni.speech_options(True, None, chunk_frames, None, {"do_sample": False, "max_new_tokens": talker_tokens})
-    speech = dataclasses.replace(speech, step_mode=mode)
-    prompt = omni.prepare(MESSAGES)
-    sampling = omni.sampling(max_new_tokens=thinker_tokens, do_sample=False)
+    """(seconds to the first audio chunk, total seconds, seconds of audio). mode: how the private talker session's
+    steps run (a scheduler of its own, as Omni.stream runs one, with that step mode)."""
+    request = omni.request(MESSAGES, max_new_tokens=thinker_tokens, do_sample=False, stop_token_ids=[-1],
+                           talker_do_sample=False, talker_max_new_tokens=talker_tokens, audio_chunk_frames=chunk_frames)
     start, first = time.perf_counter(), None
-    # Omni.stream does not take a step mode (yet): its body, with the speech options changed.
-    for event in omni._stream(prompt, None, [-1], speech, None, sampling):
-        if isinstance(event, AudioChunk) and first is None:
+    prompt = omni.prepare(MESSAGES)
+    scheduler = Scheduler(omni.model, omni.cfg, SchedulerOptions(rows=0, talker_rows=0, step_mode=mode))
+    events: list = []
+    scheduler.submit(stream_spec(omni.cfg, omni.tokenizer, request, prompt, True, omni.default_voice, events.append))
+    while not events or not isinstance(events[-1], (Done, Failed)):
+        scheduler.iterate()
+        if first is None and any(isinstance(e, AudioChunk) for e in events):
             first = time.perf_counter() - start
-        if isinstance(event, Done):
-            audio = event.result.audio.size / event.result.sample_rate
+    assert isinstance(events[-1], Done), events[-1]
+    audio = events[-1].result.audio.size / events[-1].result.sample_rate
     return first, time.perf_counter() - start, audio
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from checkpoints import build_reference, load_as_omni, tiny_config_dict  # noqa: E402
 
 from thinktalk.config import SamplingConfig  # noqa: E402
-from thinktalk.engine.sampler import Sampler  # noqa: E402
+from thinktalk.layers.sampler import Sampler  # noqa: E402
 from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs  # noqa: E402
 from thinktalk.omni import Omni  # noqa: E402
 

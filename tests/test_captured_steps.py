@@ -25,7 +25,7 @@ import torch
 from checkpoints import strengthen_, tiny_config_dict
 from thinktalk.config import SamplingConfig, parse_config
 from thinktalk.engine.graphs import CapturedStep, StepMode
-from thinktalk.engine.sampler import Sampler
+from thinktalk.layers.sampler import Sampler
 from thinktalk.engine.talker_prompt import TalkerPrefill
 from thinktalk.engine.talker_session import TalkerSession
 from thinktalk.engine.thinker_runner import DecodeStep, ThinkerRunner, text_prefill_inputs

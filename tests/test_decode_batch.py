@@ -1,8 +1,10 @@
-"""Continuous batching of the Thinker (engine/decode_batch.py): a reply decoded in a row of the shared batch gets
-exactly the tokens it gets alone, whoever else joins or leaves, and N concurrent replies cost one decode step.
+"""Continuous batching of the Thinker (engine/thinker_batch.py, driven by engine/scheduler.py): a reply decoded in
+a row of the shared batch gets exactly the tokens it gets alone, whoever else joins or leaves, and N concurrent
+replies cost one decode step.
 
-Streams are advanced round-robin, one event each per turn, as the server's engine worker does. "Alone" is the same
-request through `Omni.stream` with batching off (a private batch-1 runner): an independent path.
+Streams are advanced round-robin, one event each per turn; each `next` runs the persistent scheduler until that
+stream has an event, which advances every stream. "Alone" is the same request through `Omni.stream` with batching
+off (a scheduler of its own, a row of its own): an independent path.
 """
 
 from __future__ import annotations
@@ -13,10 +15,7 @@ import pytest
 from media import noise_image, tone
 
 from thinktalk.cli import EXIT_USAGE, build_parser, main
-from thinktalk.config import SamplingConfig
-from thinktalk.engine.decode_batch import SharedDecodeBatch, step_rows
-from thinktalk.engine.sampler import Sampler
-from thinktalk.engine.thinker_runner import text_prefill_inputs
+from thinktalk.engine.thinker_batch import ThinkerBatch, step_rows
 from thinktalk.omni import Done, Omni
 from thinktalk.serve.app import create_app
 from thinktalk.serve.local import BackgroundServer
@@ -50,7 +49,7 @@ def ask(omni: Omni, message: str, sampling: dict, seed: int | None, max_new_toke
                        **sampling, **kw)
 
 
-def drive(streams: list, starts: list[int], batch: SharedDecodeBatch | None = None) -> tuple[list, int]:
+def drive(streams: list, starts: list[int], batch: ThinkerBatch | None = None) -> tuple[list, int]:
     """Round-robin, one event per stream per turn; stream i joins at turn starts[i]. -> (results, most rows
     leased at once)."""
     results, live, turn, most = [None] * len(streams), {}, 0, 0
@@ -88,7 +87,7 @@ def test_rows_are_reused_after_finishing_and_after_closing(omni):
     first, _ = drive([ask(omni, *REQUESTS[0])], [0], batch)
     assert batch.leased == 0 and first[0].token_ids == expected[0].token_ids
     closed = ask(omni, *REQUESTS[1])
-    next(closed), next(closed)
+    next(closed), next(closed)  # Started, the first TextDelta
     assert batch.leased == 1
     closed.close()  # the client went away mid-reply
     assert batch.leased == 0
@@ -103,7 +102,7 @@ def test_requests_that_do_not_fit_fall_back_and_match(omni):
     results, most = drive([ask(omni, *REQUESTS[1]), ask(omni, *REQUESTS[0])], [0, 1], batch)
     assert most == 1
     assert [r.token_ids for r in results] == [e.token_ids for e in expected[::-1]]
-    # All rows taken: the second of two concurrent requests decodes alone.
+    # All rows taken: the second of two concurrent requests waits for the row, then gets the same tokens.
     batch = omni.enable_batching(rows=1, max_len=64)
     results, most = drive([ask(omni, *r) for r in REQUESTS[:2]], [0, 0], batch)
     assert most == 1 and [r.token_ids for r in results] == [e.token_ids for e in expected]
@@ -152,28 +151,25 @@ def test_concurrent_requests_share_decode_steps(omni):
     results, most = drive([ask(omni, *r, max_new_tokens=budget, stop_token_ids=NEVER) for r in requests], [0] * n,
                           batch)
     assert most == n and all(len(r.token_ids) == budget for r in results)
-    assert batch.steps == budget - 1 == singles // n
+    # One prefill per scheduler iteration: request i joins i iterations after the first, which decodes meanwhile.
+    assert batch.steps == budget - 1 + (n - 1) < singles
 
 
 def test_idle_rows_stay_in_bounds(omni):
-    """A finished row below a stepping one takes part in every step; parked at slot 0, it never writes past its row
-    however long it idles."""
+    """A taken row below a stepping one that never decodes (held, as a prefilling row is) takes part in every step;
+    parked at its last slot, it never writes past its row however long it idles."""
     budget = 10
     request = ("Hi", GREEDY, None)
     expected = alone(omni, [request], max_new_tokens=budget, stop_token_ids=NEVER)[0]
     max_len = len(omni.encode_prompt(user("Hi"))) + budget
     batch = omni.enable_batching(rows=2, max_len=max_len)
-    thinker = omni.model.thinker
-    inputs = text_prefill_inputs(thinker, [[1, 2, 3]], omni.device)
-    sampler = Sampler(SamplingConfig(), 1, thinker.cfg.text.vocab_size, omni.device)
-    held = batch.lease(inputs, sampler, budget=1, stops=set())  # finished at once, row 0 held and idle
-    assert held is not None and held.row == 0 and not held.stepping
+    assert batch.take_row() == 0  # row 0 held and idle
     for _ in range(3):
         results, _ = drive([ask(omni, *request, max_new_tokens=budget, stop_token_ids=NEVER)], [0], batch)
         assert results[0].token_ids == expected.token_ids
     assert batch.steps == 3 * (budget - 1) > max_len  # row 0 idled through more steps than it has slots
     assert batch.rows_stepped == 2 * batch.steps  # row 1 steps, so both rows are covered
-    held.close()
+    batch.release(0)
 
 
 def test_steps_cover_only_the_rows_in_use(omni):
@@ -187,7 +183,9 @@ def test_steps_cover_only_the_rows_in_use(omni):
     assert (batch.steps, batch.rows_stepped) == (budget - 1, budget - 1)
     batch = omni.enable_batching(rows=8, max_len=64)
     drive([ask(omni, *r, max_new_tokens=budget, stop_token_ids=NEVER) for r in REQUESTS[:3]], [0] * 3, batch)
-    assert (batch.steps, batch.rows_stepped) == (budget - 1, 4 * (budget - 1))
+    # Rows 0, 1, 2 join at successive iterations: steps cover 1, then 2, then 4 rows (never all 8).
+    assert batch.steps == budget - 1 + 2
+    assert batch.rows_stepped == 1 + 2 + 4 * (batch.steps - 2)
 
 
 def test_bad_batching_arguments_are_named(omni):

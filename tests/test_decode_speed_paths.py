@@ -22,7 +22,7 @@ import torch
 
 from checkpoints import strengthen_, tiny_config_dict
 from thinktalk.config import SamplingConfig, parse_config
-from thinktalk.engine.sampler import Sampler, first_argmax
+from thinktalk.layers.sampler import Sampler, first_argmax
 from thinktalk.engine.thinker_runner import DecodeAndPick, DecodeStep, ThinkerRunner, text_prefill_inputs
 from thinktalk.layers.moe import SparseMoe, experts_gathered
 from thinktalk.models.thinker import Thinker

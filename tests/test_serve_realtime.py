@@ -329,7 +329,8 @@ def test_api_key_header_or_subprotocol(omni):
 
 def test_replies_on_the_http_servers_engine_worker(omni):
     engine_worker = pytest.importorskip("thinktalk.serve.engine_worker")
-    worker = engine_worker.EngineWorker(max_active=2, max_queued=4, expected_errors=(ValueError,))
+    omni.enable_batching(rows=2, max_len=512)  # the worker runs the persistent scheduler's loop
+    worker = engine_worker.EngineWorker(omni, max_active=2, max_queued=4)
     worker.start()
     try:
         app = FastAPI()
@@ -350,8 +351,49 @@ def test_replies_on_the_http_servers_engine_worker(omni):
             done = receive_until(ws, "response.done")[-1]["response"]
             assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
             deadline = time.monotonic() + 30
-            while worker.counts != (0, 0) and time.monotonic() < deadline:  # the worker closed the generator
+            while worker.counts != (0, 0) and time.monotonic() < deadline:  # the scheduler freed the stream
                 time.sleep(0.05)
             assert worker.counts == (0, 0)
+            assert omni.batching.leased == 0 and omni.talker_batching.leased == 0  # every row given back
     finally:
         worker.stop()
+        omni.disable_batching()
+
+
+def realtime_conversation(omni, turns: int, prefix_cache_bytes: int) -> tuple[list[str], list[tuple[int, int]]]:
+    """`turns` text turns on one socket served by the engine worker -> (each reply's text, each turn's (prefilled,
+    cached) prompt positions, from the scheduler's counters)."""
+    engine_worker = pytest.importorskip("thinktalk.serve.engine_worker")
+    omni.enable_batching(rows=2, max_len=2048, prefix_cache_bytes=prefix_cache_bytes)
+    scheduler = omni.scheduler
+    worker = engine_worker.EngineWorker(omni, max_active=2, max_queued=4)
+    worker.start()
+    replies, counters = [], []
+    try:
+        app = FastAPI()
+        app.include_router(realtime_router(omni, runner=WorkerStreamRunner(worker), defaults={
+            "max_output_tokens": 4, "seed": 0, "output_modalities": ["text"]}))
+        with TestClient(app) as client, client.websocket_connect("/v1/realtime") as ws:
+            receive_until(ws, "session.created")
+            for turn in range(turns):
+                before = scheduler.prefilled_positions, scheduler.cached_positions
+                events = text_turn(ws, f"Turn {turn}: and then?")
+                assert events[-1]["response"]["status"] == "completed"
+                replies.append("".join(e["delta"] for e in events if e["type"] == "response.output_text.delta"))
+                counters.append((scheduler.prefilled_positions - before[0], scheduler.cached_positions - before[1]))
+    finally:
+        worker.stop()
+        omni.disable_batching()
+    return replies, counters
+
+
+def test_a_ten_turn_conversation_prefills_only_each_turns_new_tokens(omni):
+    cold, cold_counts = realtime_conversation(omni, 10, prefix_cache_bytes=0)
+    warm, warm_counts = realtime_conversation(omni, 10, prefix_cache_bytes=64 * 2**20)
+    assert warm == cold, "a reply differs from its cold recomputation"
+    assert all(cached == 0 for _, cached in cold_counts)
+    for turn in range(1, 10):
+        prefilled, cached = warm_counts[turn]
+        assert prefilled + cached == cold_counts[turn][0]  # the same prompt, split between cache and prefill
+        assert cached >= cold_counts[turn - 1][0], f"turn {turn} re-read part of the previous turn's prompt"
+    assert sum(p for p, _ in warm_counts) < sum(p for p, _ in cold_counts) / 3

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from thinktalk.config import SamplingConfig, load_config, parse_config
-from thinktalk.engine.kv_cache import LayerCaches
-from thinktalk.engine.sampler import Sampler
+from thinktalk.layers.kv_cache import LayerCaches
+from thinktalk.layers.sampler import Sampler
 from thinktalk.models.code2wav import Code2Wav, Code2WavStream
 from thinktalk.models.talker import Talker
 

@@ -10,7 +10,7 @@ from media import noise_image, tone, write_video
 from test_multimodal_parity import reference_inputs
 
 from thinktalk import Omni
-from thinktalk.engine.pipeline import AudioChunk, TextDelta
+from thinktalk.events import AudioChunk, TextDelta
 from thinktalk.engine.talker_session import TalkerSession
 from thinktalk.omni import Done
 

@@ -5,7 +5,7 @@ import torch
 
 from thinktalk import Omni
 from thinktalk.config import parse_config
-from thinktalk.engine.sampler import Sampler
+from thinktalk.layers.sampler import Sampler
 from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs
 from thinktalk.layers.decoder import DecoderStack
 

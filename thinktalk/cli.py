@@ -113,8 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="concurrent requests sharing one thinker decode step (default: the server's most "
                             "active requests, 8; 0: every request decodes alone)")
     serve.add_argument("--batch-max-len", type=int, default=None, metavar="L",
-                       help="prompt + reply tokens per batch row; longer requests decode alone (default: 4096)")
+                       help="prompt + reply tokens per batch row; longer requests get a row of their own "
+                            "(default: what the GPU's free memory holds after the weights; 4096 on the CPU)")
     serve.add_argument("--compile", action="store_true", help="compile the shared decode step (torch.compile)")
+    serve.add_argument("--prefix-cache-mib", type=int, default=1024, metavar="MIB",
+                       help="memory for finished conversations' K/V, so a next turn prefills only its new tokens "
+                            "(default: %(default)s; 0: off)")
+    serve.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                       help="prompt + reply tokens per request; longer ones get 400 (default: the checkpoint's "
+                            "max_position_embeddings)")
     serve.set_defaults(handler=cmd_serve)
     return parser
 
@@ -161,8 +168,8 @@ def _sampling(args) -> dict:
 
 def _reply(omni, messages: list, args, wav_path: str | None, out=sys.stdout):
     """Streams the reply's text to `out` and, with `wav_path`, its speech into that WAV file; returns the result."""
-    from .omni import Done
-    from .engine.pipeline import AudioChunk, TextDelta
+    from .events import Done
+    from .events import AudioChunk, TextDelta
     from .processing.wav import WavWriter
 
     speak = wav_path is not None
@@ -301,17 +308,21 @@ def cmd_info(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .engine.decode_batch import DEFAULT_MAX_LEN
     from .serve.app import run_server
+    from .serve.schemas import ServerLimits
 
     if args.batch_rows is not None and args.batch_rows < 0:
         raise ValueError(f"--batch-rows must be >= 0 (0 turns batching off), got {args.batch_rows}")
-    max_len = DEFAULT_MAX_LEN if args.batch_max_len is None else args.batch_max_len
-    if max_len < 2:
+    max_len = args.batch_max_len  # None: planned from the GPU's free memory (DEFAULT_MAX_LEN on the CPU)
+    if max_len is not None and max_len < 2:
         raise ValueError(f"--batch-max-len must be at least 2, got {max_len}")
+    if args.prefix_cache_mib < 0:
+        raise ValueError(f"--prefix-cache-mib must be >= 0, got {args.prefix_cache_mib}")
     run_server(args.model, args.host, args.port, args.device, args.served_model_name, args.api_key,
                args.allowed_local_media_path, args.allow_remote_media, dtype=args.dtype, batch_rows=args.batch_rows,
-               batch_max_len=max_len, compile=args.compile, quantize=args.quantize)
+               batch_max_len=max_len, compile=args.compile, quantize=args.quantize,
+               prefix_cache_bytes=args.prefix_cache_mib * 2**20,
+               limits=ServerLimits(max_model_len=args.max_model_len))
 
 
 def _print_memory(cfg, path: Path, quantize: str | None) -> None:

@@ -1,66 +1,47 @@
-"""The public entry point: `Omni.from_pretrained(path)` and `Omni.generate(messages, ...)`.
+"""The public entry point: `Omni.from_pretrained(path)`, then `generate` / `stream`.
 
-    messages --prompt--> ChatML text --tokenizer--> ids --ThinkerRunner (prefill, decode steps)--> ids --> text
+    messages --processing--> PreparedPrompt (token ids with media placeholders, media features)
+             --Scheduler (engine/scheduler.py)--> Started, TextDelta..., AudioChunk..., Done
+One Scheduler owns every step of the model: `enable_batching` makes a persistent one with shared rows (what the
+server runs), otherwise each call runs a scheduler of its own sized for it. Requests are typed
+(requests.GenerationRequest); the keyword arguments of generate / stream are a thin convenience over them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .config import OmniConfig, SamplingConfig, load_config
-from .engine.decode_batch import SharedDecodeBatch, check_batching
-from .engine.talker_batch import SharedTalkerBatch
-from .engine.sampler import Sampler
-from .engine.multimodal_inputs import multimodal_prefill_inputs
-from .engine.pipeline import AudioChunk, ReplyTrace, SpeechOptions, TextDelta, stream_reply
-from .engine.thinker_runner import ThinkerRunner, generate_tokens
+from .config import OmniConfig, load_config
+from .engine import memory
+from .engine.scheduler import Scheduler, SchedulerOptions
+from .engine.thinker_batch import DEFAULT_MAX_LEN, ThinkerBatch, check_batching
+from .engine.thinker_runner import PREFILL_CHUNK
+from .engine.talker_batch import TalkerBatch
+from .errors import RequestError
+from .events import AudioChunk, Done, Event, Failed, GenerationResult, Started, TextDelta, Usage
+from .limits import check_request
 from .models.omni import OmniModel
 from .processing.audio import AudioFeatureConfig
 from .processing.multimodal import MediaOptions, PreparedPrompt, build_prompt
-from .processing.tokenizer import IncrementalDetokenizer, Tokenizer
-from .processing.tools import ToolCall, parse_tool_calls
+from .processing.tokenizer import Tokenizer
 from .processing.vision import VisionProcessorConfig
 from .quant import Quantization, QuantizeOnLoad, quantization_for
+from .replies import request_from_keywords, stream_spec
+from .requests import GenerationRequest
 from .weights import load_weights, materialize
+
+__all__ = ["AudioChunk", "DEFAULT_MAX_LEN", "Done", "GenerationResult", "Omni", "Started", "TextDelta", "Usage",
+           "check_batching"]
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 DEFAULT_VOICE = "ethan"  # the reference's default speaker
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # the reply's tokens, prompt excluded, stop token included when one was produced
-    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
-    usage: Usage
-    tool_calls: tuple[ToolCall, ...] = ()  # parsed from <tool_call> blocks when tools were offered (text is the rest)
-    audio: np.ndarray | None = None  # float32 mono waveform of the spoken reply, when audio was asked for
-    sample_rate: int | None = None
-    codes: torch.Tensor | None = None  # (groups, frames) the codec codes the talker produced
-
-
-@dataclass(frozen=True)
-class Done:
-    result: GenerationResult
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -107,8 +88,9 @@ class Omni:
         self.quantization = quantization  # how the weights are quantized (None: floats)
         embeddings = model.thinker.model.embed_tokens.weight  # never quantized: the model's device and dtype
         self.device, self.dtype = embeddings.device, embeddings.dtype
-        self._batching: SharedDecodeBatch | None = None
-        self._talker_batching: SharedTalkerBatch | None = None
+        self._scheduler: Scheduler | None = None  # the persistent one (enable_batching)
+        # Prompt + reply tokens one request may take (limits.py); a server may lower it (--max-model-len).
+        self.max_model_len = cfg.thinker.text.max_position_embeddings
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, audio_output: bool | None = None,
@@ -139,45 +121,83 @@ class Omni:
         return cls(cfg, model, tokenizer, directory, media, quantization)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Continuous batching
+    # The scheduler
 
-    def enable_batching(self, rows: int, max_len: int, compile: bool = False,
-                        talker_max_len: int | None = None) -> SharedDecodeBatch:
-        """From now on, streams (`stream`, spoken `generate`) decode in rows of one shared (rows, max_len) batch:
-        concurrent streams advanced by one thread (as the server's worker does) share each decode step. A stream
-        that finds no free row, or whose prompt + max_new_tokens exceeds max_len, runs alone; the tokens are the
-        same either way. compile=True compiles the shared step once (see ThinkerRunner).
-        With a talker, spoken replies likewise share its steps and code-predictor passes in `rows` rows of
-        `talker_max_len` slots (talker prompt + frame budget; default max_len + the checkpoint's talker budget)."""
+    def enable_batching(self, rows: int, max_len: int = DEFAULT_MAX_LEN, compile: bool = False,
+                        talker_max_len: int | None = None, prefix_cache_bytes: int = 0,
+                        prefill_chunk: int | None = PREFILL_CHUNK) -> ThinkerBatch:
+        """From now on every stream runs on one persistent Scheduler: concurrent streams (advanced by one thread,
+        as the server's worker does) share each thinker decode step in `rows` rows of `max_len` slots, and spoken
+        replies each talker step and code-predictor pass. A stream longer than a row gets a row of its own; the
+        tokens are the same either way. `compile` compiles the shared decode step (CPU); `prefix_cache_bytes`
+        keeps conversation prefixes across turns (engine/prefix_cache.py). Returns the shared thinker rows."""
         check_batching(rows, max_len)
-        if self.model.talker is not None:
-            talker_len = max_len + self.cfg.talker_sampling.max_new_tokens if talker_max_len is None else talker_max_len
-            self._talker_batching = SharedTalkerBatch(self.model.talker, self.cfg, rows, talker_len)
-        self._batching = SharedDecodeBatch(self.model.thinker, rows, max_len, compile)
-        return self._batching
+        self.enable_scheduler(rows, max_len, compile, talker_max_len, prefix_cache_bytes, prefill_chunk)
+        return self._scheduler.shared
+
+    def enable_scheduler(self, rows: int = 0, max_len: int | None = DEFAULT_MAX_LEN, compile: bool = False,
+                         talker_max_len: int | None = None, prefix_cache_bytes: int = 0,
+                         prefill_chunk: int | None = PREFILL_CHUNK) -> None:
+        """The persistent scheduler that `submit` / `iterate` (the server) run; rows=0: every stream decodes in a
+        row of its own and speaks in a private talker session. prefill_chunk: prompt positions per prefill unit
+        (a running stream waits at most one unit between its steps). max_len=None: as many slots per row as the
+        device's free memory holds (engine/memory.py's plan, on CUDA; DEFAULT_MAX_LEN elsewhere)."""
+        if max_len is None:
+            max_len = self.planned_max_len(rows)
+        options = SchedulerOptions(rows=rows, max_len=max_len, compile=compile, talker_rows=None if rows else 0,
+                                   talker_max_len=talker_max_len, prefix_cache_bytes=prefix_cache_bytes,
+                                   prefill_chunk=prefill_chunk)
+        self._scheduler = Scheduler(self.model, self.cfg, options)
+
+    def planned_max_len(self, rows: int) -> int:
+        """Cache slots per shared row that the weights (in their stored, possibly quantized, bytes) leave room for
+        on this device, after the encoders' and a prefill chunk's reserves; capped at the model's positions."""
+        if self.device.type != "cuda" or rows == 0:
+            return DEFAULT_MAX_LEN
+        total, free = memory.device_memory(self.device)
+        plan = memory.plan_memory(self.cfg, self.dtype, memory.parameter_bytes(self.model), total, free, batch=rows,
+                                  talker=self.model.talker is not None)
+        return max(2, min(plan.max_len, self.cfg.thinker.text.max_position_embeddings))
 
     def disable_batching(self) -> None:
-        """New streams run alone again (streams holding rows keep them until they end)."""
-        self._batching = None
-        self._talker_batching = None
+        """New calls run on schedulers of their own again (streams already on the shared one finish there)."""
+        self._scheduler = None
 
     @property
-    def batching(self) -> SharedDecodeBatch | None:
-        return self._batching
+    def scheduler(self) -> Scheduler | None:
+        """The persistent scheduler (enable_batching), or None."""
+        return self._scheduler
 
     @property
-    def talker_batching(self) -> SharedTalkerBatch | None:
-        return self._talker_batching
+    def batching(self) -> ThinkerBatch | None:
+        return self._scheduler.shared if self._scheduler is not None else None
+
+    @property
+    def talker_batching(self) -> TalkerBatch | None:
+        speaker = self._scheduler.speaker if self._scheduler is not None else None
+        return speaker.batch if speaker is not None else None
+
+    def submit(self, request: GenerationRequest, sink, prompt: PreparedPrompt | None = None):
+        """Adds a request to the persistent scheduler (thread-safe): its events go to `sink` as the scheduler makes
+        them, on the thread that runs `iterate`. Returns the stream (its `cancel()` is safe from any thread).
+        `prompt`: the request's prepared prompt, when the caller prepared it elsewhere (off the engine's thread)."""
+        if self._scheduler is None:
+            raise RuntimeError("submit needs the persistent scheduler: call enable_batching first")
+        if prompt is None:
+            prompt = self.prepare(request.messages, request.use_audio_in_video, request.tools)
+        self._check(request, prompt)
+        return self._scheduler.submit(self._spec(request, prompt, sink))
+
+    def iterate(self) -> bool:
+        """One iteration of the persistent scheduler's loop (see engine/scheduler.py); False when idle."""
+        return self._scheduler.iterate()
+
+    @property
+    def busy(self) -> bool:
+        return self._scheduler is not None and self._scheduler.busy
 
     # ------------------------------------------------------------------------------------------------------------
-    # Text generation
-
-    def sampling(self, *, max_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None,
-                 repetition_penalty=None) -> SamplingConfig:
-        """The checkpoint's defaults overridden by whatever the caller set."""
-        given = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                     top_p=top_p, repetition_penalty=repetition_penalty)
-        return dataclasses.replace(self.cfg.thinker_sampling, **{k: v for k, v in given.items() if v is not None})
+    # Prompts
 
     def prepare(self, messages: list, use_audio_in_video: bool = False, tools: list | None = None) -> PreparedPrompt:
         """Messages (text, image, audio, video parts) -> token ids with placeholders expanded, and the media."""
@@ -186,140 +206,115 @@ class Omni:
     def encode_prompt(self, messages: list, use_audio_in_video: bool = False, tools: list | None = None) -> list[int]:
         return self.prepare(messages, use_audio_in_video, tools).token_ids
 
-    def generate(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                 use_audio_in_video: bool = False, tools: list | None = None, return_audio: bool | None = None,
-                 voice: str | None = None, audio_chunk_frames: int = 1, talker_do_sample: bool | None = None,
-                 talker_temperature: float | None = None, talker_top_k: int | None = None,
-                 talker_top_p: float | None = None, talker_repetition_penalty: float | None = None,
-                 talker_max_new_tokens: int | None = None,
-                 **sampling) -> GenerationResult | list[GenerationResult]:
-        """One conversation -> GenerationResult; a list of conversations -> a list.
-
-        Text-only batches are decoded together. With `return_audio` (default: whenever the talker is loaded) the
-        result also holds `.audio` (float32, `.sample_rate` Hz); conversations are then spoken one after another.
-        With `tools` (JSON function definitions), `<tool_call>` blocks in the reply are parsed into `.tool_calls`.
-        """
-        batched = isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
-        conversations = messages if batched else [messages]
-        talker = dict(do_sample=talker_do_sample, temperature=talker_temperature, top_k=talker_top_k,
-                      top_p=talker_top_p, repetition_penalty=talker_repetition_penalty,
-                      max_new_tokens=talker_max_new_tokens)
-        speech = self.speech_options(return_audio, voice, audio_chunk_frames, seed, talker)
-        if speech is not None:
-            results = []
-            for conversation in conversations:
-                *_, done = self._stream(self.prepare(conversation, use_audio_in_video, tools), seed,
-                                        stop_token_ids, speech, tools, self.sampling(**sampling))
-                results.append(done.result)
-            return results if batched else results[0]
-        prompts = [self.prepare(conversation, use_audio_in_video, tools) for conversation in conversations]
-        results = self._generate_ids(prompts, self.sampling(**sampling), seed, stop_token_ids)
-        if tools:
-            results = [self._with_tool_calls(r) for r in results]
-        return results if batched else results[0]
-
-    def speech_options(self, return_audio: bool | None, voice: str | None, chunk_frames: int, seed: int | None,
-                       talker: dict) -> SpeechOptions | None:
-        """None for text only; else the voice's codec id and the talker's sampling (checkpoint defaults + given)."""
-        if return_audio is None:
-            return_audio = self.model.talker is not None
-        if not return_audio:
-            return None
-        if self.model.talker is None:
-            reason = ("this checkpoint has no talker (a thinker-only model)" if not self.cfg.has_audio_output
-                      else "it was loaded with audio_output=False")
-            raise ValueError(f"audio output was requested but {reason}")
-        if chunk_frames < 1:
-            raise ValueError(f"audio_chunk_frames must be at least 1, got {chunk_frames}")
-        speaker = self.cfg.talker.speaker_id(voice or self.default_voice)
-        known = {f.name for f in dataclasses.fields(SamplingConfig)}
-        if unknown := sorted(set(talker) - known):
-            raise ValueError(f"unknown talker sampling option(s) {unknown}; known: {sorted(known)}")
-        given = {k: v for k, v in talker.items() if v is not None}
-        return SpeechOptions(speaker, dataclasses.replace(self.cfg.talker_sampling, **given), chunk_frames, seed)
-
     @property
     def default_voice(self) -> str:
-        names = [name for name, _ in self.cfg.talker.speakers] if self.cfg.talker else []
+        names = self.voices
         return DEFAULT_VOICE if DEFAULT_VOICE in names else (names[0] if names else DEFAULT_VOICE)
 
     @property
     def voices(self) -> list[str]:
         return [name for name, _ in self.cfg.talker.speakers] if self.cfg.talker else []
 
-    @staticmethod
-    def _with_tool_calls(result: GenerationResult) -> GenerationResult:
-        text, calls = parse_tool_calls(result.text)
-        return dataclasses.replace(result, text=text, tool_calls=tuple(calls))
+    def request(self, messages, **keywords) -> GenerationRequest:
+        """The keyword form of generate / stream as a GenerationRequest (speech by default when the talker is
+        loaded; `return_audio=False` for text only)."""
+        return request_from_keywords(messages, speaks_by_default=self.model.talker is not None, **keywords)
 
-    def stream(self, messages: list, *, seed: int | None = None, stop_token_ids: list[int] | None = None,
-               use_audio_in_video: bool = False, tools: list | None = None, return_audio: bool | None = None,
-               voice: str | None = None, audio_chunk_frames: int = 1, talker: dict | None = None,
-               talker_do_sample: bool | None = None, talker_temperature: float | None = None,
-               talker_top_k: int | None = None, talker_top_p: float | None = None,
-               talker_repetition_penalty: float | None = None, talker_max_new_tokens: int | None = None,
-               **sampling) -> Iterator[TextDelta | AudioChunk | Done]:
-        """Yields TextDelta events as text arrives (never a broken UTF-8 character), AudioChunk events as speech is
-        synthesised (from the first codec frame on, while the text is still being written), then Done.
-        The talker's sampling: the talker_* keywords, as in `generate`, or the same as a dict `talker`
-        ({"do_sample": False, "max_new_tokens": 100}). Closing the iterator early stops the work and frees its
-        caches."""
-        named = dict(do_sample=talker_do_sample, temperature=talker_temperature, top_k=talker_top_k,
-                     top_p=talker_top_p, repetition_penalty=talker_repetition_penalty,
-                     max_new_tokens=talker_max_new_tokens)
-        given = {k: v for k, v in named.items() if v is not None}
-        speech = self.speech_options(return_audio, voice, audio_chunk_frames, seed, {**(talker or {}), **given})
-        prompt = self.prepare(messages, use_audio_in_video, tools)
-        return self._stream(prompt, seed, stop_token_ids, speech, tools, self.sampling(**sampling))
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation
 
-    def stream_text(self, messages: list, **kwargs) -> Iterator[TextDelta | Done]:
+    def generate(self, messages: list | GenerationRequest | list[GenerationRequest],
+                 **keywords) -> GenerationResult | list[GenerationResult]:
+        """One conversation (or GenerationRequest) -> GenerationResult; a list of them -> a list, decoded together.
+
+        Keywords: the thinker's sampling (max_new_tokens, do_sample, temperature, top_k, top_p,
+        repetition_penalty, seed, stop_token_ids), the talker's (talker_do_sample, ..., talker_max_new_tokens, or a
+        `talker` dict), return_audio (default: whenever the talker is loaded), voice, audio_chunk_frames, tools,
+        use_audio_in_video. With `tools`, `<tool_call>` blocks in the reply are parsed into `.tool_calls`."""
+        batched = isinstance(messages, list) and bool(messages) and (
+            isinstance(messages[0], GenerationRequest) or isinstance(messages[0], list))
+        items = messages if batched else [messages]
+        requests = [m if isinstance(m, GenerationRequest) else self.request(m, **keywords) for m in items]
+        prompts = [self.prepare(r.messages, r.use_audio_in_video, r.tools) for r in requests]
+        for request, prompt in zip(requests, prompts):
+            self._check(request, prompt)
+        scheduler = self._scheduler or self._scheduler_for(requests, prompts)
+        outcomes: list[list[Event]] = [[] for _ in requests]
+        streams = [scheduler.submit(self._spec(r, p, outcomes[i].append))
+                   for i, (r, p) in enumerate(zip(requests, prompts))]
+        try:
+            while not all(_ended(events) for events in outcomes):
+                scheduler.iterate()
+        finally:
+            for stream in streams:
+                stream.cancel()
+            scheduler.drop_cancelled()
+        results = [_outcome(events) for events in outcomes]
+        return results if batched else results[0]
+
+    def stream(self, messages: list | GenerationRequest, **keywords) -> Iterator[Event]:
+        """Yields Started, TextDelta events as text arrives (never a broken UTF-8 character), AudioChunk events as
+        speech is synthesised (from the first codec frame on, while the text is still being written), then Done.
+        A failure raises (errors.InputError for the request's own). Closing the iterator early stops the work and
+        frees its caches. Keywords as for `generate`."""
+        request = messages if isinstance(messages, GenerationRequest) else self.request(messages, **keywords)
+        prompt = self.prepare(request.messages, request.use_audio_in_video, request.tools)
+        self._check(request, prompt)
+        scheduler = self._scheduler or self._scheduler_for([request], [prompt])
+        events: deque[Event] = deque()
+        stream = scheduler.submit(self._spec(request, prompt, events.append))
+        return _follow(scheduler, stream, events)
+
+    def stream_text(self, messages: list, **keywords) -> Iterator[Event]:
         """`stream` without audio."""
-        return self.stream(messages, return_audio=False, **kwargs)
+        return self.stream(messages, return_audio=False, **keywords)
 
-    def _stream(self, prompt: PreparedPrompt, seed, stop_token_ids, speech: SpeechOptions | None, tools,
-                params: SamplingConfig) -> Iterator[TextDelta | AudioChunk | Done]:
-        stops = set(stop_token_ids or self.cfg.stop_token_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+    def _check(self, request: GenerationRequest, prompt: PreparedPrompt) -> None:
+        """Before any scheduler or cache is sized for it: options typed and in range, prompt + budget in context."""
+        check_request(request, len(prompt.token_ids), self.max_model_len, self._sampling_budget(request))
 
-        def detokenize(token: int, final: bool) -> str:
-            # Ids past the tokenizer (the model's vocabulary is padded) and stop ids carry no text.
-            piece = "" if token in stops or token >= self.tokenizer.vocab_size else detok.push(token)
-            return piece + detok.flush() if final else piece
+    def _spec(self, request: GenerationRequest, prompt: PreparedPrompt, sink):
+        return stream_spec(self.cfg, self.tokenizer, request, prompt, self.model.talker is not None,
+                           self.default_voice, sink)
 
-        trace = ReplyTrace()
-        yield from stream_reply(self.model, self.cfg, prompt, params, seed, stops, speech, detokenize, trace,
-                                self._batching, self._talker_batching)
-        result = self._result(prompt, trace.token_ids, stops, params)
-        if speech is not None:
-            audio = np.concatenate(trace.audio) if trace.audio else np.zeros(0, dtype=np.float32)
-            codes = torch.stack(trace.codes, dim=1) if trace.codes else None
-            result = dataclasses.replace(result, audio=audio, sample_rate=self.cfg.code2wav.sample_rate, codes=codes)
-        yield Done(self._with_tool_calls(result) if tools else result)
+    def _scheduler_for(self, requests: list[GenerationRequest], prompts: list[PreparedPrompt]) -> Scheduler:
+        """A scheduler for one call: several text conversations share rows sized for the longest; a single one
+        (or speech) runs in rows of its own, and the talker in private sessions (captured on a GPU)."""
+        text_only = all(r.speech is None for r in requests)
+        if len(requests) > 1 and text_only:
+            budget = max(self._sampling_budget(r) for r in requests)
+            longest = max(len(p.token_ids) for p in prompts)
+            return Scheduler(self.model, self.cfg, SchedulerOptions(rows=len(requests), max_len=longest + budget))
+        return Scheduler(self.model, self.cfg, SchedulerOptions(rows=0, talker_rows=0))
 
-    def _steps(self, prompts: list[PreparedPrompt], params: SamplingConfig, seed: int | None, stops: set[int]):
-        thinker = self.model.thinker
-        longest = max(len(p.token_ids) for p in prompts)
-        runner = ThinkerRunner(thinker, len(prompts), longest + params.max_new_tokens)
-        with torch.inference_mode():
-            inputs = multimodal_prefill_inputs(thinker, prompts)
-        sampler = Sampler(params, len(prompts), thinker.cfg.text.vocab_size, self.device, seed=seed)
-        return generate_tokens(runner, inputs, sampler, params.max_new_tokens, stops)
+    def _sampling_budget(self, request: GenerationRequest) -> int:
+        given = request.sampling.max_new_tokens
+        return self.cfg.thinker_sampling.max_new_tokens if given is None else given
 
-    def _generate_ids(self, prompts, params, seed, stop_token_ids) -> list[GenerationResult]:
-        stops = set(stop_token_ids or self.cfg.stop_token_ids)
-        replies: list[list[int]] = [[] for _ in prompts]
-        for step in self._steps(prompts, params, seed, stops):
-            for row, token in enumerate(step.tokens):
-                if step.active[row]:
-                    replies[row].append(token)
-        return [self._result(p, r, stops, params) for p, r in zip(prompts, replies)]
 
-    def _result(self, prompt: PreparedPrompt, reply: list[int], stops: set[int], params: SamplingConfig):
-        stopped = bool(reply) and reply[-1] in stops
-        text_ids = [t for t in (reply[:-1] if stopped else reply) if t < self.tokenizer.vocab_size]
-        return GenerationResult(
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
-            token_ids=reply,
-            finish_reason="stop" if stopped else "length",
-            usage=Usage(len(prompt.token_ids), len(reply)),
-        )
+def _follow(scheduler: Scheduler, stream, events: deque) -> Iterator[Event]:
+    try:
+        while True:
+            while not events:
+                if not scheduler.iterate() and not events:
+                    raise RuntimeError(f"stream {stream.id} ended without Done")
+            event = events.popleft()
+            if isinstance(event, Failed):
+                raise event.error
+            yield event
+            if isinstance(event, Done):
+                return
+    finally:
+        stream.cancel()
+        scheduler.drop_cancelled()  # its rows are free for the next stream at once
+
+
+def _ended(events: list[Event]) -> bool:
+    return bool(events) and isinstance(events[-1], (Done, Failed))
+
+
+def _outcome(events: list[Event]) -> GenerationResult:
+    last = events[-1]
+    if isinstance(last, Failed):
+        raise last.error
+    return last.result

@@ -27,8 +27,8 @@ import torch
 from ..config import OmniConfig, SamplingConfig, code_predictor_sampling
 from ..models.talker import Talker
 from .graphs import CapturedStep, StepMode, default_mode
-from .kv_cache import CacheCursor, LayerCaches
-from .sampler import Sampler
+from ..layers.kv_cache import CacheCursor, LayerCaches
+from ..layers.sampler import Sampler
 from .talker_prompt import TalkerPrefill
 
 CONTROL_CODES = 1024  # the talker vocabulary's top ids are control codes, never sampled as audio
@@ -130,11 +130,13 @@ class TalkerSession:
     def _start(self, prefill: TalkerPrefill) -> None:
         self.hidden, logits = prefill_talker(self.talker, prefill, self.cache, self.cursor)
         self.code0 = self.code0_sampler(logits)
+        self.last_code0 = int(self.code0)  # the host's copy (one sync per step, in the step's caller)
 
     @property
     def finished(self) -> bool:
-        """The last sampled code0 is codec EOS, or the frame budget is spent (that token then gets no frame)."""
-        return int(self.code0) == self.cfg.codec_eos_id or self.frames >= self.max_frames - 1
+        """The last sampled code0 is codec EOS, or the frame budget is spent (that token then gets no frame).
+        Reads the host copy: no device work."""
+        return self.last_code0 == self.cfg.codec_eos_id or self.frames >= self.max_frames - 1
 
     @torch.inference_mode()
     def complete(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,10 +148,12 @@ class TalkerSession:
         return codes.clone(), codec_sum.clone()
 
     @torch.inference_mode()
-    def advance(self, codec_sum: torch.Tensor, text_embed: torch.Tensor) -> None:
-        """One talker step on the finished frame plus the text for it; samples the next frame's code0.
+    def advance(self, codec_sum: torch.Tensor, text_embed: torch.Tensor) -> int:
+        """One talker step on the finished frame plus the text for it; samples the next frame's code0 (returned).
         codec_sum, text_embed: (1, hidden). The session keeps the step's outputs only until the next step."""
         self.hidden, self.code0 = self.step(codec_sum, text_embed)
+        self.last_code0 = int(self.code0)
+        return self.last_code0
 
     def close(self) -> None:
         """Nothing shared to give back: the caches go with this object (a leased row's close frees the row)."""

@@ -12,7 +12,6 @@ A decode step reads and writes only device tensors (lengths, rope deltas, cache)
 be captured as a CUDA graph; the host learns the sampled tokens only in the generation loop around it.
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,8 +19,8 @@ import torch
 
 from ..models.thinker import Thinker
 from .graphs import CapturedStep, StepMode, default_mode
-from .kv_cache import CacheCursor, LayerCaches
-from .sampler import Sampler
+from ..layers.kv_cache import CacheCursor, LayerCaches
+from ..layers.sampler import Sampler
 
 
 # Prompt positions per prefill chunk (per row); None = one pass. At the released widths, for a 70k-token video
@@ -66,6 +65,28 @@ def text_prefill_inputs(thinker: Thinker, prompts: list[list[int]], device: torc
     positions = torch.arange(longest, device=device).view(1, 1, -1).expand(3, len(prompts), -1)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
     return PrefillInputs(ids, thinker.embed(ids), positions, lengths, torch.zeros(len(prompts), device=device))
+
+
+def prefill_chunk(thinker: Thinker, cache: LayerCaches, inputs: PrefillInputs, start: int, end: int,
+                  seq: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt positions [start, end) of `inputs` (padded to `seq`) into `cache` (slots [start, end); slots [0, start)
+    already hold the earlier positions) -> (logits at each row's last prompt token, clamped into the chunk
+    (batch, vocab); hidden states kept for the talker (batch, end - start, hidden) or None)."""
+    batch = inputs.embeds.shape[0]
+    device = inputs.embeds.device
+    queries = torch.arange(start, end, device=device)
+    slots = queries.expand(batch, -1)
+    # The first chunk's keys are its own positions: plain causal attention, no mask in memory. A later chunk
+    # attends slots [0, end) with key slot <= query slot: a (1, 1, chunk, end) mask, shared by every row.
+    mask = None if start == 0 else torch.arange(end, device=device).view(1, 1, 1, -1) <= queries.view(1, 1, -1, 1)
+    hook = inputs.after_layer
+    if hook is not None and (start, end) != (0, seq):
+        hook = hook.window(start, end)
+    at = (inputs.lengths - 1 - start).clamp(0, end - start - 1)
+    logits, _, kept = thinker(inputs.embeds[:, start:end], inputs.positions[:, :, start:end], mask=mask,
+                              cache=cache, slots=slots, key_len=end, after_layer=hook,
+                              keep_hidden=inputs.keep_hidden, logits_at=at)
+    return logits, kept
 
 
 class DecodeStep:
@@ -140,31 +161,12 @@ class ThinkerRunner:
         kept = None if inputs.keep_hidden is None else inputs.embeds.new_empty(batch, seq, hidden)
         for start in range(0, seq, chunk):
             end = min(start + chunk, seq)
-            chunk_logits, chunk_kept = self._prefill_chunk(inputs, start, end, seq)
+            chunk_logits, chunk_kept = prefill_chunk(self.thinker, self.cache, inputs, start, end, seq)
             # A row's logits come from the chunk holding its last prompt token (device ops: no host sync).
             inside = ((last >= start) & (last < end)).unsqueeze(1)
             logits = chunk_logits if logits is None else torch.where(inside, chunk_logits, logits)
             if kept is not None:
                 kept[:, start:end] = chunk_kept
-        return logits, kept
-
-    def _prefill_chunk(self, inputs: PrefillInputs, start: int, end: int,
-                       seq: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt positions [start, end) -> (logits at each row's last token, clamped into the chunk (batch, vocab);
-        hidden states kept for the talker (batch, end - start, hidden) or None). Writes cache slots [start, end)."""
-        batch = inputs.embeds.shape[0]
-        queries = torch.arange(start, end, device=self.device)
-        slots = queries.expand(batch, -1)
-        # The first chunk's keys are its own positions: plain causal attention, no mask in memory. A later chunk
-        # attends slots [0, end) with key slot <= query slot: a (1, 1, chunk, end) mask, shared by every row.
-        mask = None if start == 0 else self.cursor.key_slots[:end].view(1, 1, 1, -1) <= queries.view(1, 1, -1, 1)
-        hook = inputs.after_layer
-        if hook is not None and (start, end) != (0, seq):
-            hook = hook.window(start, end)
-        at = (inputs.lengths - 1 - start).clamp(0, end - start - 1)
-        logits, _, kept = self.thinker(inputs.embeds[:, start:end], inputs.positions[:, :, start:end], mask=mask,
-                                       cache=self.cache, slots=slots, key_len=end, after_layer=hook,
-                                       keep_hidden=inputs.keep_hidden, logits_at=at)
         return logits, kept
 
     @torch.inference_mode()
@@ -198,35 +200,3 @@ class ThinkerRunner:
             self._steps[rows] = CapturedStep(DecodeStep(self.thinker, self.cache, self.cursor, rows), self.mode,
                                              self.device)
         return self._steps[rows]
-
-
-@dataclass
-class StepOutput:
-    """One decode step seen from the host: the token each row produced, and which rows have now finished."""
-
-    tokens: list[int]
-    finished: list[bool]  # finished after this token (it was a stop token, or the budget ran out)
-    active: list[bool]  # the row was still generating at this step (its token belongs to its reply)
-
-
-def generate_tokens(runner: ThinkerRunner, inputs: PrefillInputs, sampler: Sampler, max_new_tokens: int,
-                    stop_ids: set[int]) -> Iterator[StepOutput]:
-    """Prefill, then decode until every row has produced a stop token or `max_new_tokens` tokens."""
-    longest = int(inputs.lengths.max())
-    if longest + max_new_tokens > runner.max_len:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the cache "
-                         f"({runner.max_len} slots)")
-    sampler.observe(inputs.token_ids)  # prompt tokens count for the repetition penalty, as in the reference
-    logits, _ = runner.prefill(inputs)
-    tokens = sampler(logits)
-    done = [False] * runner.batch
-    for step in range(max_new_tokens):
-        host = tokens.tolist()
-        active = [not d for d in done]
-        for row, token in enumerate(host):
-            if not done[row] and (token in stop_ids or step == max_new_tokens - 1):
-                done[row] = True
-        yield StepOutput(host, list(done), active)
-        if all(done):
-            return
-        tokens = runner.decode_and_sample(tokens, sampler)

@@ -42,6 +42,10 @@ class StreamState:
     def keep(self, module: nn.Module, context: torch.Tensor) -> None:
         self._context[module] = context
 
+    def modules(self) -> list[nn.Module]:
+        """The modules holding context, in the order they first kept it."""
+        return list(self._context)
+
 
 class CausalConv1d(nn.Module):
     """Stride-1 causal convolution; `conv` holds the checkpoint's `conv.weight` / `conv.bias`."""

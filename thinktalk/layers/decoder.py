@@ -7,20 +7,18 @@ that module names match the checkpoint keys.
 """
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import DecoderConfig
 from .attention import Attention, AttentionMeta
+from .kv_cache import LayerCaches
 from .mlp import GatedMLP
 from .moe import SparseMoe
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding
 
-if TYPE_CHECKING:
-    from ..engine.kv_cache import LayerCaches
 
 # Called after layer i with (i, hidden) and returning the hidden states to continue with (deepstack injection).
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -54,7 +52,7 @@ class DecoderStack(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope.theta, cfg.rope.mrope_section, cfg.rope.mrope_interleaved)
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                   cache: "LayerCaches | None" = None, slots: torch.Tensor | None = None,
+                   cache: LayerCaches | None = None, slots: torch.Tensor | None = None,
                    key_len: int | None = None, after_layer: LayerHook | None = None,
                    keep_hidden: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (batch, seq, hidden); positions: (3, batch, seq) or (batch, seq).

@@ -103,6 +103,34 @@ class Code2WavTransformer(nn.Module):
             kv.k[i], kv.v[i] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
         return self.norm(x)
 
+    def forward_rows(self, x: torch.Tensor, starts: list[int], kvs: list[SlidingKV]) -> torch.Tensor:
+        """Several streams at once, each continuing its own past: x (rows, frames, hidden), row r's frames at
+        absolute positions starts[r].., its past in kvs[r] (with at least one frame). Each row's pasts are left-padded
+        to the longest and masked, so a row sees exactly what it would alone. -> (rows, frames, hidden)"""
+        rows, frames, _ = x.shape
+        device = x.device
+        pasts = torch.tensor([kv.k[0].shape[2] for kv in kvs], device=device)  # (rows,)
+        longest = int(pasts.max())
+        positions = torch.tensor(starts, device=device).view(-1, 1) + torch.arange(frames, device=device)
+        cos, sin = self.rotary(positions, x.dtype)
+        # key slot j of row r holds absolute frame starts[r] - longest + j (slots before its own past are padding)
+        slots = torch.arange(longest + frames, device=device)
+        key_positions = positions[:, :1] - longest + slots.view(1, -1)  # (rows, longest + frames)
+        lag = positions.unsqueeze(-1) - key_positions.unsqueeze(1)  # (rows, frames, keys)
+        real = slots.view(1, 1, -1) >= (longest - pasts).view(-1, 1, 1)
+        mask = (real & (lag >= 0) & (lag < self.window)).unsqueeze(1)  # (rows, 1, frames, keys)
+        meta = AttentionMeta(cos=cos, sin=sin, mask=mask,
+                             slots=torch.arange(longest, longest + frames, device=device).expand(rows, frames))
+        for i, layer in enumerate(self.layers):
+            room = x.new_zeros(rows, layer.self_attn.num_kv_heads, frames, layer.self_attn.head_dim)
+            k = torch.cat((torch.cat([_left_pad(kv.k[i], longest) for kv in kvs]), room), 2)
+            v = torch.cat((torch.cat([_left_pad(kv.v[i], longest) for kv in kvs]), room.clone()), 2)
+            x = layer(x, meta, (k, v))  # writes the rows' new keys and values at meta.slots
+            for r, kv in enumerate(kvs):  # each row keeps its own last window - 1 frames
+                keep = min(self.window - 1, kv.k[i].shape[2] + frames)
+                kv.k[i], kv.v[i] = k[r:r + 1, :, k.shape[2] - keep:], v[r:r + 1, :, v.shape[2] - keep:]
+        return self.norm(x)
+
     @staticmethod
     def _extend(kv: SlidingKV, i: int, attn: Attention, x: torch.Tensor,
                 frames: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +139,11 @@ class Code2WavTransformer(nn.Module):
         if kv.k[i] is None:
             return room, room.clone()
         return torch.cat((kv.k[i], room), dim=2), torch.cat((kv.v[i], room), dim=2)
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(1, heads, n, d) -> (1, heads, length, d), zeros before (masked out where it is used)."""
+    return torch.nn.functional.pad(t, (0, 0, length - t.shape[2], 0))
 
 
 class ResidualUnit(nn.Module):
@@ -227,6 +260,11 @@ class Code2WavStream:
         self.frames += frames
         return self.model.vocode(x.transpose(1, 2), self.convs)
 
+    @property
+    def started(self) -> bool:
+        """It has decoded a frame: its carried state has the shapes a batched call needs (feed_rows)."""
+        return self.frames > 0
+
     def finish(self) -> torch.Tensor:
         """The samples still held back: (batch, 0).
 
@@ -235,3 +273,26 @@ class Code2WavStream:
         """
         weight = self.model.code_embedding.weight
         return weight.new_zeros(self.batch or 1, 0)
+
+
+@torch.no_grad()
+def feed_rows(model: Code2Wav, streams: list[Code2WavStream], codes: torch.Tensor) -> torch.Tensor:
+    """One Code2Wav call for several started one-row streams, each fed the same number of frames: codes
+    (rows, Q, n) -> (rows, new samples), row r exactly what streams[r].feed(codes[r:r+1]) returns.
+
+    The transformer attends per row over its own past (forward_rows); every convolution's carried context is the
+    rows' contexts stacked (all of one length once a stream has started), then split back."""
+    assert all(s.started and s.batch == 1 for s in streams) and codes.shape[0] == len(streams)
+    frames = codes.shape[-1]
+    x = model.pre_transformer.forward_rows(model.embed(codes), [s.frames for s in streams], [s.kv for s in streams])
+    for stream in streams:
+        stream.frames += frames
+    joint = StreamState()
+    modules = streams[0].convs.modules()
+    for module in modules:
+        joint.keep(module, torch.cat([s.convs.context(module) for s in streams]))
+    out = model.vocode(x.transpose(1, 2), joint)
+    for module in modules:
+        for r, stream in enumerate(streams):
+            stream.convs.keep(module, joint.context(module)[r:r + 1])
+    return out

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..config import TalkerConfig
-from ..engine.kv_cache import LayerCaches
-from ..engine.sampler import Sampler
+from ..layers.kv_cache import LayerCaches
+from ..layers.sampler import Sampler
 from ..layers.decoder import DecoderStack
 
 # (x (batch, n, hidden), positions (batch, n), workspace) -> the last token's final-normed hidden (batch, hidden)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderConfig, TalkerConfig
-from ..engine.kv_cache import LayerCaches
-from ..engine.sampler import Sampler
+from ..layers.kv_cache import LayerCaches
+from ..layers.sampler import Sampler
 from ..layers.decoder import DecoderStack
 from .code_predictor import CodePredictor, PredictorWorkspace, StackRun
 

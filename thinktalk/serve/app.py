@@ -4,9 +4,10 @@
     POST /v1/audio/transcriptions multipart audio -> text (a chat request with Qwen's ASR instruction)
     GET  /v1/models, GET /health, GET /openapi.json
     WS   /v1/realtime and the web page at / (realtime.py), replies on the same engine worker
-One worker thread owns the model (see engine_worker.py); the requests it interleaves share the thinker's decode steps
-(a SharedDecodeBatch, engine/decode_batch.py). Every error is OpenAI's JSON error shape; tracebacks stay
-in the server's log.
+One worker thread owns the model and runs its scheduler's loop (see engine_worker.py): requests share the thinker's
+decode steps and the talker's steps, and a long prompt's prefill runs a chunk at a time between them. Every error is
+OpenAI's JSON error shape: a problem with the request (errors.InputError) answers 4xx, anything else is logged with
+its traceback and answers 500.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.decode_batch import DEFAULT_MAX_LEN, check_batching
-from ..errors import InputError
-from ..omni import Omni
+from ..omni import DEFAULT_MAX_LEN, Omni, check_batching
 from .audio_out import supported_formats
 from .chat import build_messages, require_model, stream_settings
 from .completions import Reply, complete, job_events, prefetched, stream_chunks, submit
@@ -40,6 +39,9 @@ from .shutdown import EngineServer, engine_stopper
 from .transcription import add_transcription_route
 
 log = logging.getLogger("thinktalk.serve")
+# Conversation prefixes kept across turns: at the released widths a cached token's K/V is 96 KiB, so 1 GiB holds
+# about 10,000 tokens of recent conversations.
+DEFAULT_PREFIX_CACHE_BYTES = 2**30
 # How long SIGINT / SIGTERM waits for open responses: the engine stops first (shutdown.py), so they end at its next
 # iteration; this only bounds a client that is slow to read its last bytes.
 SHUTDOWN_GRACE_SECONDS = 10
@@ -64,21 +66,25 @@ class ServerState:
 def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | None = None,
                allowed_local_media_path: str | Path | None = None, allow_remote_media: bool = False,
                limits: ServerLimits = ServerLimits(), batch_rows: int | None = None,
-               batch_max_len: int = DEFAULT_MAX_LEN, compile: bool = False) -> FastAPI:
+               batch_max_len: int | None = DEFAULT_MAX_LEN, compile: bool = False,
+               prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> FastAPI:
     """`batch_rows`: rows of the thinker's shared decode batch (default: `limits.max_active`, so every running
-    request can hold one; 0 turns batching off); `batch_max_len`: cache slots per row (prompt + reply); `compile`:
-    compile the shared decode step (once, on the first step)."""
+    request can hold one; 0 turns batching off); `batch_max_len`: cache slots per row (prompt + reply; None: what
+    the GPU's free memory holds, from the memory planner); `compile`:
+    compile the shared decode step (once, on the first step); `prefix_cache_bytes`: how much of finished
+    conversations' K/V the scheduler keeps, so that a next turn (a chat request extending the previous one, the
+    Realtime socket's next reply) prefills only its new tokens (0: none)."""
     rows = limits.max_active if batch_rows is None else batch_rows
-    if rows != 0:
-        omni.enable_batching(rows, batch_max_len, compile)
+    omni.enable_scheduler(rows, batch_max_len, compile, prefix_cache_bytes=prefix_cache_bytes)
     omni.media = engine_media_options(omni.media, limits)
+    omni.max_model_len = limits.model_len(omni.cfg.thinker.text.max_position_embeddings)
     local = Path(allowed_local_media_path).expanduser().resolve(strict=True) if allowed_local_media_path else None
     if local is not None and not local.is_dir():
         raise NotADirectoryError(f"--allowed-local-media-path {local}: not a folder")
     sample_rate = omni.cfg.code2wav.sample_rate if omni.model.talker is not None else 24000
     state = ServerState(
         omni=omni, served_name=served_model_name or omni.path.name,
-        worker=EngineWorker(limits.max_active, limits.max_queued, expected_errors=(InputError,)),
+        worker=EngineWorker(omni, limits.max_active, limits.max_queued),
         policy=MediaPolicy(limits, local, allow_remote_media),
         audio_formats=supported_formats(sample_rate), created=int(time.time()))
 
@@ -116,7 +122,7 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
         settings = stream_settings(body, omni.voices, omni.model.talker is not None, state.audio_formats,
                                    state.limits)
         messages = await run_in_threadpool(build_messages, body, state.policy)
-        job = submit(state.worker, omni, messages, settings, state.limits)
+        job = await submit(state.worker, omni, messages, settings, state.limits)
         events = await prefetched(job_events(job, request))
         reply = Reply(settings, sample_rate)
         if not body.stream:
@@ -156,13 +162,14 @@ def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: i
                served_model_name: str | None = None, api_key: str | None = None,
                allowed_local_media_path: str | None = None, allow_remote_media: bool = False,
                dtype: str | None = None, limits: ServerLimits = ServerLimits(), batch_rows: int | None = None,
-               batch_max_len: int = DEFAULT_MAX_LEN, compile: bool = False, quantize: str | None = None) -> None:
+               batch_max_len: int | None = None, compile: bool = False, quantize: str | None = None,
+               prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
     """Loads the model (default: the built-in demo checkpoint; `quantize`: int8/int4/fp8 on load) and serves it
     until SIGINT / SIGTERM."""
     import uvicorn
 
     if batch_rows != 0:  # bad values fail before the (possibly long) load
-        check_batching(limits.max_active if batch_rows is None else batch_rows, batch_max_len)
+        check_batching(limits.max_active if batch_rows is None else batch_rows, batch_max_len or DEFAULT_MAX_LEN)
 
     from ..demo import ensure_demo_checkpoint
 
@@ -170,7 +177,7 @@ def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: i
     omni = Omni.from_pretrained(model if model is not None else ensure_demo_checkpoint(), device=device, dtype=dtype,
                                 quantize=quantize)
     app = create_app(omni, served_model_name, api_key, allowed_local_media_path, allow_remote_media, limits,
-                     batch_rows, batch_max_len, compile)
+                     batch_rows, batch_max_len, compile, prefix_cache_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
     EngineServer(config, engine_stopper(app)).run()

@@ -1,7 +1,7 @@
 """Running one chat request on the engine worker and turning its events into OpenAI replies (whole, or SSE chunks).
 
-The worker hands over TextDelta, AudioChunk and Done events (and, when stop strings were given, the prompt's
-size first, since a reply cut at a stop string never reaches Done). A client that goes away cancels its job.
+The worker hands over the stream's events (events.py): Started (the prompt's size: a reply cut at a stop string
+never reaches Done), TextDelta, AudioChunk, then Done or Failed. A client that goes away cancels its job.
 """
 
 from __future__ import annotations
@@ -11,18 +11,19 @@ import base64
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
-from ..engine.pipeline import AudioChunk, TextDelta
 from ..errors import InputError
-from ..omni import Done, GenerationResult, Omni
+from ..events import AudioChunk, Done, Failed, GenerationResult, Started, TextDelta
+from ..omni import Omni
 from . import audio_out
 from .chat import TOOL_CALL_MARKER, StreamSettings, TextGate, openai_tool_calls
-from .engine_worker import EngineWorker, Failed, Finished, Job, QueueFull, WorkerStopped
+from .engine_worker import EngineWorker, Job, QueueFull, WorkerStopped
 from .errors import APIError, ErrorBody, ErrorResponse, input_error
 from .schemas import (ChatCompletion, Choice, CompletionTokensDetails, ReplyAudio, ReplyMessage, ServerLimits,
                       UsageModel)
@@ -31,28 +32,17 @@ AUDIO_EXPIRY_SECONDS = 3600
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-@dataclass(frozen=True)
-class PromptSize:
-    tokens: int
-
-
-def _events(omni: Omni, messages: list, settings: StreamSettings) -> Iterator:
-    """Runs on the worker thread (the factory's generator)."""
-    kwargs = settings.stream_kwargs
-    if settings.stops:
-        yield PromptSize(len(omni.encode_prompt(messages, kwargs["use_audio_in_video"], kwargs.get("tools"))))
-    stream = omni.stream(messages, **kwargs)
+async def submit(worker: EngineWorker, omni: Omni, messages: list, settings: StreamSettings,
+                 limits: ServerLimits) -> Job:
+    """The request typed, its prompt prepared (media decoded, tokens counted) off the event loop and off the
+    engine's thread, then handed to the engine. Input errors surface here, before any reply."""
     try:
-        yield from stream
-    finally:
-        stream.close()
-
-
-def submit(worker: EngineWorker, omni: Omni, messages: list, settings: StreamSettings,
-           limits: ServerLimits) -> Job:
-    factory: Callable[[], Iterator] = lambda: _events(omni, messages, settings)  # noqa: E731
+        request = omni.request(messages, **settings.stream_kwargs)
+        prompt = await run_in_threadpool(omni.prepare, request.messages, request.use_audio_in_video, request.tools)
+    except InputError as error:
+        raise failure(error) from None
     try:
-        return worker.submit(factory, asyncio.get_running_loop())
+        return worker.submit(request, prompt, asyncio.get_running_loop())
     except QueueFull:
         raise APIError(429, "the server is busy: too many requests are running or queued; retry shortly",
                        code="rate_limit_exceeded", headers={"Retry-After": str(limits.retry_after_seconds)}) from None
@@ -61,8 +51,10 @@ def submit(worker: EngineWorker, omni: Omni, messages: list, settings: StreamSet
 
 
 def failure(error: BaseException) -> APIError:
+    """An engine event's failure as the client sees it: the request's own problem is a 400; a shutdown a 503;
+    anything else (an engine bug, logged with its traceback where it happened) a 500."""
     if isinstance(error, InputError):
-        return input_error(error)
+        return input_error(error)  # a 400 naming the field (param) and the kind (code)
     if isinstance(error, WorkerStopped):
         return APIError(503, "the server is shutting down", code="server_shutting_down")
     return APIError(500, "the engine failed while answering this request", code="internal_error")
@@ -85,11 +77,11 @@ async def job_events(job: Job, request: Request) -> AsyncIterator:
                     return
             if item is None:
                 continue
-            if isinstance(item, Finished):
-                return
             if isinstance(item, Failed):
                 raise failure(item.error)
             yield item
+            if isinstance(item, Done):
+                return
     finally:
         job.cancel()
 
@@ -136,8 +128,8 @@ class Reply:
 
 
 def _count(reply: Reply, event) -> None:
-    if isinstance(event, PromptSize):
-        reply.prompt_tokens = event.tokens
+    if isinstance(event, Started):
+        reply.prompt_tokens = event.prompt_tokens
     elif isinstance(event, TextDelta):
         reply.completion_tokens += len(event.token_ids)
     elif isinstance(event, Done):

@@ -1,24 +1,28 @@
-"""One thread owns the model and interleaves requests.
+"""One thread owns the model: it runs the scheduler's loop (`omni.iterate()`), and every request joins that loop.
 
-Each request is a generator (an `Omni.stream(...)`), created on the worker thread by the request's factory. The
-worker advances the active generators round-robin, one event each per turn, and hands every event to the
-request's asyncio queue on the server's event loop. With the thinker's shared decode batch enabled (the server's
-default), the first request of a turn that needs a token runs one decode step for every running request, and the
-others find theirs waiting. Admission is bounded: `max_active` generators run, at most
-`max_queued` more wait; beyond that `submit` raises `QueueFull` (the server answers 429). Cancelling a job (the
-client went away, or the server stops) closes its generator on the worker thread, which frees its caches.
+    job = worker.submit(request, prompt, loop)    from the server's event loop (the prompt prepared off it)
+    async for event in job.events ...             Started, TextDelta, AudioChunk, then Done or Failed
+    job.cancel()                                  the client went away: its rows and caches are freed at the
+                                                  scheduler's next iteration
+The scheduler decides what runs each iteration (a chunk of one prompt's prefill between the decode steps of every
+running stream, one batched talker step, ...; engine/scheduler.py); the worker only feeds it and sleeps when it
+has nothing to do. Admission is bounded: `max_active` requests are in the scheduler at once, at most
+`max_queued` more wait here; beyond that `submit` raises QueueFull (the server answers 429).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-log = logging.getLogger("thinktalk.serve")
+from ..events import Done, Failed
+from ..omni import Omni
+from ..processing.multimodal import PreparedPrompt
+from ..requests import GenerationRequest
+
+IDLE_WAIT_SECONDS = 0.5  # the worker wakes at least this often when idle (a cancel needs no wake-up to be safe)
 
 
 class QueueFull(Exception):
@@ -29,47 +33,46 @@ class WorkerStopped(Exception):
     """The worker is not running (the server is shutting down)."""
 
 
-@dataclass(frozen=True)
-class Finished:
-    """The generator ran to its end."""
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The generator raised; `error` is the exception (the worker logged it when unexpected)."""
-
-    error: BaseException
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    prompt: PreparedPrompt
+    job: "Job"
 
 
 class Job:
-    def __init__(self, factory: Callable[[], Iterator], loop: asyncio.AbstractEventLoop):
-        self.factory, self.loop = factory, loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, wake: threading.Condition):
+        self.loop, self._wake = loop, wake
         self.events: asyncio.Queue = asyncio.Queue()
-        self.generator: Iterator | None = None
+        self.stream = None  # the scheduler's Stream, once admitted
+        self.ended = False
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
-        """Safe from any thread; the worker closes the generator at its next turn."""
+        """Safe from any thread."""
         self._cancelled.set()
+        if self.stream is not None:
+            self.stream.cancel()
+        with self._wake:
+            self._wake.notify()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def deliver(self, item) -> bool:
-        """Hands an item to the request's queue; False when the event loop is gone."""
-        if self.loop.is_closed():
-            return False
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        return True
+    def deliver(self, item) -> None:
+        """Hands an event to the request's queue (on the worker thread); a closed loop drops it."""
+        if isinstance(item, (Done, Failed)):
+            self.ended = True
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
 class EngineWorker:
-    def __init__(self, max_active: int, max_queued: int, expected_errors: tuple[type[BaseException], ...] = ()):
-        self.max_active, self.max_queued = max_active, max_queued
-        self.expected_errors = expected_errors  # input errors: reported to the client, not logged as failures
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._active: list[Job] = []
+    def __init__(self, omni: Omni, max_active: int, max_queued: int):
+        self.omni, self.max_active, self.max_queued = omni, max_active, max_queued
+        self._queued: collections.deque[_Pending] = collections.deque()
+        self._running: list[Job] = []
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -80,23 +83,21 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="thinktalk-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, factory: Callable[[], Iterator], loop: asyncio.AbstractEventLoop) -> Job:
-        job = Job(factory, loop)
+    def submit(self, request: GenerationRequest, prompt: PreparedPrompt, loop: asyncio.AbstractEventLoop) -> Job:
+        job = Job(loop, self._lock)
         with self._lock:
             if self._stopping or self._thread is None:
                 raise WorkerStopped("the server is shutting down")
-            if len(self._waiting) + len(self._active) >= self.max_active + self.max_queued:
-                raise QueueFull(f"{len(self._active)} requests running and {len(self._waiting)} queued")
-            self._waiting.append(job)
+            if len(self._queued) + len(self._running) >= self.max_active + self.max_queued:
+                raise QueueFull(f"{len(self._running)} requests running and {len(self._queued)} queued")
+            self._queued.append(_Pending(request, prompt, job))
             self._lock.notify()
         return job
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancels every job (their generators are closed) and ends the thread."""
+        """Cancels every job (their streams are freed) and ends the thread."""
         with self._lock:
             self._stopping = True
-            for job in list(self._waiting) + self._active:
-                job.cancel()
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -104,59 +105,43 @@ class EngineWorker:
     @property
     def counts(self) -> tuple[int, int]:
         with self._lock:
-            return len(self._active), len(self._waiting)
+            return len(self._running), len(self._queued)
 
     # -- the worker thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self._active and not self._waiting:
-                    self._lock.wait()
                 if self._stopping:
-                    jobs = list(self._waiting) + self._active
-                    self._waiting.clear()
-                    self._active.clear()
                     break
-                while self._waiting and len(self._active) < self.max_active:
-                    self._active.append(self._waiting.popleft())
-                turn = list(self._active)
-            finished = [job for job in turn if not self._advance(job)]
-            if finished:
-                with self._lock:
-                    self._active = [job for job in self._active if job not in finished]
-        for job in jobs:
-            self._close(job)
-            job.deliver(Failed(WorkerStopped("the server is shutting down")))
+                self._running = [job for job in self._running if not (job.ended or job.cancelled)]
+                while self._queued and len(self._running) < self.max_active:
+                    self._admit(self._queued.popleft())
+                if not self.omni.busy:
+                    self._lock.wait(IDLE_WAIT_SECONDS)
+                    continue
+            self.omni.iterate()
+        self._shut_down()
 
-    def _advance(self, job: Job) -> bool:
-        """One event of `job`; False once the job is over (finished, failed or cancelled)."""
+    def _admit(self, pending: _Pending) -> None:
+        job = pending.job
         if job.cancelled:
-            self._close(job)
-            return False
+            return
         try:
-            if job.generator is None:
-                job.generator = job.factory()
-            event = next(job.generator)
-        except StopIteration:
-            job.deliver(Finished())
-            return False
-        except self.expected_errors as error:  # the request's own fault: reported to the client as a 400
-            self._close(job)
+            job.stream = self.omni.submit(pending.request, job.deliver, pending.prompt)
+        except Exception as error:  # noqa: BLE001 (reported on the job: an InputError is a 400, the rest 500)
             job.deliver(Failed(error))
-            return False
-        except Exception as error:  # reported to the client as a generic 500; the traceback stays in the log
-            log.exception("request failed inside the engine")
-            self._close(job)
-            job.deliver(Failed(error))
-            return False
-        if not job.deliver(event):
-            self._close(job)
-            return False
-        return True
+            return
+        self._running.append(job)
 
-    @staticmethod
-    def _close(job: Job) -> None:
-        if job.generator is not None:
-            job.generator.close()
-            job.generator = None
+    def _shut_down(self) -> None:
+        with self._lock:
+            jobs = [p.job for p in self._queued] + self._running
+            self._queued.clear()
+            self._running = []
+        for job in jobs:
+            if job.stream is not None:
+                job.stream.cancel()
+            if not job.ended:
+                job.deliver(Failed(WorkerStopped("the server is shutting down")))
+        self.omni.iterate()  # frees the cancelled streams' rows and caches

@@ -19,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, WebSocket
 from fastapi.responses import FileResponse
 
+from ..events import Done, Failed
+from ..requests import GenerationRequest
+from .engine_worker import QueueFull, WorkerStopped
 from .realtime_events import SessionState
 from .realtime_session import Cancel, RealtimeSession, StreamRunner
 
@@ -48,12 +51,14 @@ async def next_or_cancel(queue: asyncio.Queue, cancel: Cancel) -> tuple[bool, ob
 
 
 class ThreadStreamRunner:
-    """One thread per reply; a lock keeps the model to one reply at a time (the others wait their turn)."""
+    """One thread per reply, running `omni.stream` (a scheduler of its own); a lock keeps the model to one reply at a
+    time (the others wait their turn)."""
 
-    def __init__(self) -> None:
+    def __init__(self, omni) -> None:
+        self.omni = omni
         self._model_lock = threading.Lock()
 
-    async def stream(self, start: Callable[[], Iterator], cancel: Cancel) -> AsyncIterator:
+    async def stream(self, request: GenerationRequest, cancel: Cancel) -> AsyncIterator:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         end = object()
 
@@ -66,7 +71,7 @@ class ThreadStreamRunner:
             with self._model_lock:
                 try:
                     if not cancel.is_set():
-                        events = start()
+                        events = self.omni.stream(request)
                         try:
                             for event in events:
                                 if cancel.is_set():
@@ -96,29 +101,31 @@ class ThreadStreamRunner:
 
 
 class WorkerStreamRunner:
-    """Replies on the HTTP server's engine worker (engine_worker.EngineWorker), interleaved with its requests."""
+    """Replies on the HTTP server's engine worker (engine_worker.EngineWorker), in the same scheduler as its
+    requests; the prompt is prepared off the event loop first."""
 
     def __init__(self, worker) -> None:
-        from .engine_worker import Failed, Finished, QueueFull, WorkerStopped
-
         self.worker = worker
-        self._failed, self._finished, self._refusals = Failed, Finished, (QueueFull, WorkerStopped)
 
-    async def stream(self, start: Callable[[], Iterator], cancel: Cancel) -> AsyncIterator:
+    async def stream(self, request: GenerationRequest, cancel: Cancel) -> AsyncIterator:
+        omni = self.worker.omni
+        prompt = await asyncio.to_thread(omni.prepare, request.messages, request.use_audio_in_video, request.tools)
         try:
-            job = self.worker.submit(start, asyncio.get_running_loop())
-        except self._refusals as exc:
+            job = self.worker.submit(request, prompt, asyncio.get_running_loop())
+        except (QueueFull, WorkerStopped) as exc:
             raise RuntimeError(f"the engine cannot take this reply now: {exc}") from exc
         try:
             while True:
                 more, item = await next_or_cancel(job.events, cancel)
-                if not more or isinstance(item, self._finished):
+                if not more:
                     return
-                if isinstance(item, self._failed):
+                if isinstance(item, Failed):
                     raise item.error
                 yield item
+                if isinstance(item, Done):
+                    return
         finally:
-            job.cancel()  # a no-op once finished; otherwise the worker closes the generator at its next turn
+            job.cancel()  # a no-op once finished; otherwise the scheduler frees the stream at its next iteration
 
 
 def _authorized(websocket: WebSocket, offered: list[str], api_key: str) -> bool:
@@ -135,7 +142,7 @@ def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str
     HTTP server's worker through WorkerStreamRunner, or by default a thread per reply); `defaults` seed every
     session (SessionState fields, e.g. {"max_output_tokens": 64, "talker_max_new_tokens": 24}); with `api_key` the
     socket is refused (close code 1008) without it."""
-    runner = runner or ThreadStreamRunner()
+    runner = runner or ThreadStreamRunner(omni)
     base = SessionState(voice=omni.default_voice if omni.voices else "", **(defaults or {}))
     router = APIRouter()
 

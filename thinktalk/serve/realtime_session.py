@@ -10,16 +10,17 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from ..engine.pipeline import AudioChunk, TextDelta
-from ..omni import Done
+from ..errors import InputError, RequestError
+from ..events import AudioChunk, Done, TextDelta
 from ..processing.audio import resample
+from ..requests import GenerationRequest
 from .realtime_events import (
     WIRE_RATE, ClientEvent, ConversationItemCreate, ConversationItemDelete, ErrorEvent, InputAudioAppend,
     InputAudioClear, InputAudioCommit, MessageItem, ResponseCancel, ResponseCreate, ServerEvent, SessionState,
@@ -48,17 +49,17 @@ class Cancel:
 
 
 class StreamRunner(Protocol):
-    """Runs a blocking `Omni.stream` iterator off the event loop. `start()` creates it on the engine's thread; its
-    events come back in order; once `cancel` is set, iteration ends at once and the iterator is closed there."""
+    """Runs one reply off the event loop: its events come back in order; once `cancel` is set, iteration ends at
+    once and the reply's work stops (its rows and caches freed)."""
 
-    def stream(self, start: Callable[[], Iterator], cancel: Cancel) -> AsyncIterator: ...
+    def stream(self, request: GenerationRequest, cancel: Cancel) -> AsyncIterator: ...
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
-class EventError(ValueError):
+class EventError(RequestError):
     """A well-formed client event that cannot be done now; answered with an `error` event carrying `code`."""
 
     def __init__(self, message: str, code: str = "invalid_request_error"):
@@ -298,8 +299,8 @@ class RealtimeSession:
         text, status, usage, failure = [], "completed", None, None
         text_kind = "response.output_audio_transcript" if speak else "response.output_text"
         try:
-            async with contextlib.aclosing(self.runner.stream(lambda: self.omni.stream(messages, **options),
-                                                              cancel)) as events:
+            request = self.omni.request(messages, **options)
+            async with contextlib.aclosing(self.runner.stream(request, cancel)) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
                         text.append(event.text)
@@ -313,7 +314,7 @@ class RealtimeSession:
                         usage = event.result.usage
         except SocketGone:
             raise
-        except (ValueError, FileNotFoundError) as exc:  # bad input found by the model's side: the client's problem
+        except InputError as exc:  # bad input found by the model's side: the client's problem
             status, failure = "failed", exc
             log.warning("realtime reply %s failed: %s", response_id, exc)
         except Exception as exc:  # a server-side failure: logged with its traceback and reported to the client

@@ -51,7 +51,7 @@ def add_transcription_route(app: FastAPI, state, responses: dict) -> None:
         kwargs = {"max_new_tokens": limits.default_max_tokens, "return_audio": False, "use_audio_in_video": False}
         kwargs.update({"do_sample": True, "temperature": temperature} if temperature else {"do_sample": False})
         settings = StreamSettings(kwargs, want_audio=False, audio_format="wav", stops=(), tools_offered=False)
-        job = submit(state.worker, state.omni, asr_messages(samples, rate, language, prompt), settings, limits)
+        job = await submit(state.worker, state.omni, asr_messages(samples, rate, language, prompt), settings, limits)
         events = await prefetched(job_events(job, request))
         reply = await complete(events, Reply(settings, 24000), state.served_name)
         text = reply.choices[0].message.content or ""
