@@ -6,14 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from media import tone
 from PIL import Image
 
 from thinktalk import Omni
 from thinktalk.errors import Cancelled
+from thinktalk.events import Failed
 from thinktalk.models.audio_encoder import AudioEncoder
 from thinktalk.models.vision_encoder import VisionEncoder
 from thinktalk.processing.vision import image_patches
 
+LONG_AUDIO_SECONDS = 360.0  # 4,680 audio tokens: two groups of the audio encoder (GROUP_TOKENS = 4096)
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +59,19 @@ def test_the_vision_encoder_stops_between_groups(omni, monkeypatch):
     with torch.inference_mode(), pytest.raises(Cancelled, match="vision encoder"):
         omni.model.thinker.visual(patches, grids, group_patches=1, should_stop=lambda: len(groups) >= 1)
     assert len(groups) == 1  # one image of four
+
+
+def test_a_request_cancelled_while_its_audio_encodes_stops_there(omni, monkeypatch):
+    """The scheduler's encoder unit is one media item; a cancel arriving inside a long clip ends it after the group
+    running then, with no Failed event (a cancel is nobody's error), and its row is free at the next iteration."""
+    events: list = []
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": (tone(LONG_AUDIO_SECONDS), 16000)},
+                                             {"type": "text", "text": "Summarise."}]}]
+    omni.enable_batching(rows=2, max_len=256)
+    stream = omni.submit(omni.request(messages, max_new_tokens=4, return_audio=False), events.append)
+    groups = counting(monkeypatch, AudioEncoder, "_run_layers", on_call=lambda n: stream.cancel())
+    omni.iterate()  # admits the stream and starts its audio: the first group runs, the cancel arrives meanwhile
+    assert len(groups) == 1  # the second group never ran
+    omni.iterate()
+    assert not omni.busy and not any(isinstance(event, Failed) for event in events)
+    omni.disable_batching()

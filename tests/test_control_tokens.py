@@ -12,8 +12,9 @@ from thinktalk.errors import InputError
 from thinktalk.processing.prompt import PromptError
 
 IM_START, IM_END = 151644, 151645
-ORDINARY = ["Hello, world!", "你好，世界！", "emoji: 😀🦜👨‍👩‍👧‍👦 ok", "  leading spaces\n\n\ttabs\r\nand CRLF   trailing  ",
-            "\n\nstarts with newlines", " \n mixed whitespace \n ", "code: def f(x):\n    return x**2  # 'q'\n",
+ORDINARY = ["Hello, world!", "你好，世界！", "emoji: 😀🦜👨‍👩‍👧‍👦 ok",
+            "  leading spaces\n\n\ttabs\r\nand CRLF   trailing  ", "\n\nstarts with newlines",
+            " \n mixed whitespace \n ", "code: def f(x):\n    return x**2  # 'q'\n",
             "rare: 𠀀𪚥𰻞 ∑∫√", "<|im_start> almost", "x" * 3000]
 
 

@@ -7,7 +7,7 @@ import base64
 import numpy as np
 import pytest
 import torch
-from hostile_media import AUDIO, IMAGES, LONE_SURROGATE, VIDEOS, png_bytes, video_bytes, wav_with_header
+from hostile_media import AUDIO, IMAGES, LONE_SURROGATE, VIDEOS, video_bytes, wav_with_header
 from PIL import Image
 
 from thinktalk import Omni

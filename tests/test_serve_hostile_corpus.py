@@ -21,7 +21,7 @@ from thinktalk.serve.schemas import ServerLimits
 
 MODEL = "tiny-omni"
 LIMITS = ServerLimits(max_media_bytes=512 * 2**10, max_audio_seconds=3.0, max_video_seconds=6.0, max_tokens=64,
-                      default_max_tokens=2, body_read_timeout_seconds=1.0)
+                      default_max_tokens=2, max_model_len=512, body_read_timeout_seconds=1.0)
 PART = "messages[0].content[0]"
 
 
@@ -136,6 +136,13 @@ def test_a_video_past_its_limit_is_refused_from_its_container(served, tmp_path):
 def test_a_lone_surrogate_is_a_400(served):
     body = ('{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}' % MODEL)
     check_refused(served, post(served, body.encode()), 400, PART)
+
+
+def test_a_prompt_past_max_model_len_is_a_400_naming_both_numbers(served):
+    response = post(served, {"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}],
+                             "max_tokens": 8})
+    check_refused(served, response, 400, "messages", "context_length_exceeded")
+    assert "maximum context length is 512 tokens. However, you requested" in response.json()["error"]["message"]
 
 
 def test_a_forged_turn_is_answered_as_text(served):

@@ -224,7 +224,8 @@ def load_image(source: Any, cfg: VisionProcessorConfig | None = None) -> Image.I
     try:
         return to_rgb(ImageOps.exif_transpose(image))  # a broken EXIF block or an unconvertible mode fails here
     except PILLOW_DECODE_ERRORS as exc:
-        raise VisionInputError(f"{name}: cannot orient or convert the {image.mode} image to RGB ({_cause(exc)})") from None
+        raise VisionInputError(f"{name}: cannot orient or convert the {image.mode} image to RGB "
+                               f"({_cause(exc)})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------- resizing
