@@ -12,7 +12,7 @@ import pytest
 import torch
 from checkpoints_qwen2_5 import VOICES, load_thinktalk, tiny_checkpoint
 
-from thinktalk.engine.kv_cache import LayerCaches
+from thinktalk.layers.kv_cache import LayerCaches
 from thinktalk.models.qwen2_5.bigvgan import VocoderStream
 from thinktalk.models.qwen2_5.talker import ReplyFeed, TalkerPrompt, talker_prompt_inputs
 from thinktalk.models.qwen2_5.token2wav import BlockNoise, first_audio_tokens
