@@ -182,3 +182,15 @@ def test_plan_errors_name_the_numbers(tiny_cfg):
     with pytest.raises(ValueError, match="device cpu: give a memory budget"):
         memory.device_memory(torch.device("cpu"))
     assert memory.device_memory(torch.device("cpu"), 123) == (123, None)
+
+
+def test_rows_that_fit_are_what_the_plan_holds_within_bounds(tiny_cfg):
+    plan = memory.plan_memory(tiny_cfg, torch.float32, 10 * 2**20, 2**30, max_prompt=512)
+    assert memory.rows_that_fit(plan, plan.tokens // 5, most=32) == 5
+    assert memory.rows_that_fit(plan, 2, most=32) == 32  # room for many more: capped
+    assert memory.rows_that_fit(plan, plan.tokens + 1, most=32) == 1  # not even one full row: still one
+
+
+def test_host_memory_reads_this_machine():
+    total, available = memory.host_memory()
+    assert 0 < available <= total

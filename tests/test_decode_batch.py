@@ -204,6 +204,17 @@ def test_serve_rejects_bad_batch_flags_before_loading(tiny, capsys, flags, named
     assert (args.batch_rows, args.batch_max_len, args.compile) == (3, 512, True)
 
 
+def test_the_server_plans_its_rows_from_free_memory_and_runs_that_many_at_once(omni, monkeypatch):
+    assert omni.planned_rows(128) == 32  # the tiny model's cache is small: the cap, not memory, decides
+    assert omni.planned_rows(2**40) == 1  # rows too long for any memory: one row still
+    monkeypatch.setattr(omni, "planned_rows", lambda max_len: {128: 3}[max_len])
+    app = create_app(omni, "tiny", batch_max_len=128)
+    assert omni.batching.rows == 3 and app.state.server.worker.max_active == 3
+    app = create_app(omni, "tiny", limits=ServerLimits(max_active=2), batch_max_len=128)
+    assert omni.batching.rows == 2 and app.state.server.worker.max_active == 2
+    omni.disable_batching()
+
+
 def test_server_with_batching_answers_concurrent_requests(omni):
     openai = pytest.importorskip("openai")
     asks = [dict(messages=user(m), max_tokens=8, temperature=0) for m in ("Hi", "Tell me about the sea.", "Why?")]

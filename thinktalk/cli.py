@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (public hosts)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     serve.add_argument("--batch-rows", type=int, default=None, metavar="N",
-                       help="concurrent requests sharing one thinker decode step (default: the server's most "
-                            "active requests, 8; 0: every request decodes alone)")
+                       help="concurrent requests sharing one thinker decode step; also how many run at once (default: "
+                            "as many rows of --batch-max-len slots as free memory holds, at most 32; 0: every "
+                            "request decodes alone, 8 at once)")
     serve.add_argument("--batch-max-len", type=int, default=None, metavar="L",
                        help="prompt + reply tokens per batch row; longer requests get a row of their own "
                             "(default: what the GPU's free memory holds after the weights; 4096 on the CPU)")

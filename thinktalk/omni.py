@@ -20,8 +20,11 @@ import torch
 from .config import OmniConfig, load_config
 from .engine import memory
 from .engine.scheduler import Scheduler, SchedulerOptions
-from .engine.thinker_batch import DEFAULT_MAX_LEN, ThinkerBatch, check_batching
+from .engine.thinker_batch import DEFAULT_MAX_LEN, PrivateRows, ThinkerBatch, check_batching
 from .engine.thinker_runner import PREFILL_CHUNK
+
+MOST_PLANNED_ROWS = 32  # the default batch's rows when memory allows: past this, on the released model's widths a
+# decode step is no longer bound by reading the weights (about 8 experts x 32 rows touch most of the 128 experts)
 from .engine.talker_batch import TalkerBatch
 from .errors import RequestError
 from .events import AudioChunk, Done, Event, Failed, GenerationResult, Started, TextDelta, Usage
@@ -89,6 +92,9 @@ class Omni:
         embeddings = model.thinker.model.embed_tokens.weight  # never quantized: the model's device and dtype
         self.device, self.dtype = embeddings.device, embeddings.dtype
         self._scheduler: Scheduler | None = None  # the persistent one (enable_batching)
+        # One-row thinker batches of streams that decode alone, kept across calls: their decode steps are
+        # captured (CUDA graphs) once per row length, not once per request.
+        self.private_rows = PrivateRows(model.thinker)
         # Prompt + reply tokens one request may take (limits.py); a server may lower it (--max-model-len).
         self.max_model_len = cfg.thinker.text.max_position_embeddings
 
@@ -147,7 +153,7 @@ class Omni:
         options = SchedulerOptions(rows=rows, max_len=max_len, compile=compile, talker_rows=None if rows else 0,
                                    talker_max_len=talker_max_len, prefix_cache_bytes=prefix_cache_bytes,
                                    prefill_chunk=prefill_chunk)
-        self._scheduler = Scheduler(self.model, self.cfg, options)
+        self._scheduler = Scheduler(self.model, self.cfg, options, self.private_rows)
 
     def planned_max_len(self, rows: int) -> int:
         """Cache slots per shared row that the weights (in their stored, possibly quantized, bytes) leave room for
@@ -158,6 +164,21 @@ class Omni:
         plan = memory.plan_memory(self.cfg, self.dtype, memory.parameter_bytes(self.model), total, free, batch=rows,
                                   talker=self.model.talker is not None)
         return max(2, min(plan.max_len, self.cfg.thinker.text.max_position_embeddings))
+
+    def planned_rows(self, max_len: int, most: int = MOST_PLANNED_ROWS) -> int:
+        """Rows of `max_len` cache slots that this device's free memory (CUDA: the driver's; CPU: the machine's
+        available RAM) holds beside the loaded weights, after the encoders' and a prefill chunk's reserves; at most
+        `most`, at least 1 (a model that leaves no room at all still serves one row, as an unbatched one would)."""
+        if self.device.type == "cuda":
+            total, free = memory.device_memory(self.device)
+        else:
+            total, free = memory.host_memory()
+        try:
+            plan = memory.plan_memory(self.cfg, self.dtype, memory.parameter_bytes(self.model), max(total, free),
+                                      free, talker=self.model.talker is not None)
+        except ValueError:  # no room beyond the reserves: one row, and the allocator will say if even that fails
+            return 1
+        return memory.rows_that_fit(plan, max_len, most)
 
     def disable_batching(self) -> None:
         """New calls run on schedulers of their own again (streams already on the shared one finish there)."""
@@ -284,8 +305,10 @@ class Omni:
         if len(requests) > 1 and text_only:
             budget = max(self._sampling_budget(r) for r in requests)
             longest = max(len(p.token_ids) for p in prompts)
-            return Scheduler(self.model, self.cfg, SchedulerOptions(rows=len(requests), max_len=longest + budget))
-        return Scheduler(self.model, self.cfg, SchedulerOptions(rows=0, talker_rows=0))
+            options = SchedulerOptions(rows=len(requests), max_len=longest + budget)
+        else:
+            options = SchedulerOptions(rows=0, talker_rows=0)
+        return Scheduler(self.model, self.cfg, options, self.private_rows)
 
     def _sampling_budget(self, request: GenerationRequest) -> int:
         given = request.sampling.max_new_tokens

@@ -14,6 +14,7 @@ The activation peaks are estimates from the tensor shapes (the largest tensors a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from ..config import AudioEncoderConfig, DecoderConfig, OmniConfig, VisionEncode
 from ..models import audio_encoder, vision_encoder
 from .thinker_runner import PREFILL_CHUNK
 
+MEMINFO = "/proc/meminfo"  # Linux: MemTotal / MemAvailable, in kB
 HEADROOM_FRACTION = 0.03  # of the available bytes: allocator fragmentation, sampler and decode-step temporaries
 FLOAT32_BYTES, BOOL_BYTES, LONG_BYTES = 4, 1, 8
 GIB = 2**30
@@ -148,6 +150,24 @@ def device_memory(device: torch.device, budget_bytes: int | None = None) -> tupl
     if budget_bytes is None:
         raise ValueError(f"device {device}: give a memory budget in bytes (there is no device memory to ask)")
     return budget_bytes, None
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of this machine's RAM, for a CPU model whose weights are loaded: MemAvailable
+    counts the page cache the kernel can drop (free pages alone would undercount it). Without /proc/meminfo
+    (macOS), the physical and free pages from sysconf."""
+    try:
+        fields = dict(line.split(":", 1) for line in open(MEMINFO).read().splitlines() if ":" in line)
+        return int(fields["MemTotal"].split()[0]) * 1024, int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+
+
+def rows_that_fit(plan: MemoryPlan, max_len: int, most: int) -> int:
+    """Rows of `max_len` cache slots each that the plan's tokens hold, at least 1 and at most `most`."""
+    assert max_len >= 1 and most >= 1
+    return max(1, min(most, plan.tokens // max_len))
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:

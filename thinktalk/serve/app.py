@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..omni import DEFAULT_MAX_LEN, Omni, check_batching
+from ..omni import DEFAULT_MAX_LEN, MOST_PLANNED_ROWS, Omni, check_batching
 from .audio_out import supported_formats
 from .chat import build_messages, require_model, stream_settings
 from .completions import Reply, complete, job_events, prefetched, stream_chunks, submit
@@ -45,6 +45,7 @@ DEFAULT_PREFIX_CACHE_BYTES = 2**30
 # How long SIGINT / SIGTERM waits for open responses: the engine stops first (shutdown.py), so they end at its next
 # iteration; this only bounds a client that is slow to read its last bytes.
 SHUTDOWN_GRACE_SECONDS = 10
+UNBATCHED_ACTIVE = 8  # requests running at once when batching is off (each in a row of its own)
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 500)}
 REQUEST_FIELDS = request_fields(ChatCompletionRequest)  # what a validation error's `param` may name
 
@@ -68,13 +69,18 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
                limits: ServerLimits = ServerLimits(), batch_rows: int | None = None,
                batch_max_len: int | None = DEFAULT_MAX_LEN, compile: bool = False,
                prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> FastAPI:
-    """`batch_rows`: rows of the thinker's shared decode batch (default: `limits.max_active`, so every running
-    request can hold one; 0 turns batching off); `batch_max_len`: cache slots per row (prompt + reply; None: what
+    """`batch_rows`: rows of the thinker's shared decode batch (default: `limits.max_active` when set, else as many
+    rows of `batch_max_len` slots as free memory holds, at most MOST_PLANNED_ROWS; 0 turns batching off); the
+    scheduler runs as many requests at once as it has rows (`limits.max_active` when set); `batch_max_len`: cache slots per row (prompt + reply; None: what
     the GPU's free memory holds, from the memory planner); `compile`:
     compile the shared decode step (once, on the first step); `prefix_cache_bytes`: how much of finished
     conversations' K/V the scheduler keeps, so that a next turn (a chat request extending the previous one, the
     Realtime socket's next reply) prefills only its new tokens (0: none)."""
-    rows = limits.max_active if batch_rows is None else batch_rows
+    rows = batch_rows if batch_rows is not None else limits.max_active
+    if rows is None:
+        rows = omni.planned_rows(batch_max_len or DEFAULT_MAX_LEN)
+        log.info("batch rows: %d (what free memory holds at %d slots each, at most %d)", rows,
+                 batch_max_len or DEFAULT_MAX_LEN, MOST_PLANNED_ROWS)
     omni.enable_scheduler(rows, batch_max_len, compile, prefix_cache_bytes=prefix_cache_bytes)
     omni.media = engine_media_options(omni.media, limits)
     omni.max_model_len = limits.model_len(omni.cfg.thinker.text.max_position_embeddings)
@@ -84,7 +90,7 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
     sample_rate = omni.cfg.code2wav.sample_rate if omni.model.talker is not None else 24000
     state = ServerState(
         omni=omni, served_name=served_model_name or omni.path.name,
-        worker=EngineWorker(omni, limits.max_active, limits.max_queued),
+        worker=EngineWorker(omni, limits.max_active or rows or UNBATCHED_ACTIVE, limits.max_queued),
         policy=MediaPolicy(limits, local, allow_remote_media),
         audio_formats=supported_formats(sample_rate), created=int(time.time()))
 
@@ -132,7 +138,8 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     add_transcription_route(app, state, ERROR_RESPONSES)
-    app.include_router(realtime_router(omni, runner=WorkerStreamRunner(state.worker), api_key=api_key))
+    app.include_router(realtime_router(omni, runner=WorkerStreamRunner(state.worker), api_key=api_key,
+                                       model_name=state.served_name))
     app.include_router(static_router())
     return app
 
@@ -168,8 +175,8 @@ def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: i
     until SIGINT / SIGTERM."""
     import uvicorn
 
-    if batch_rows != 0:  # bad values fail before the (possibly long) load
-        check_batching(limits.max_active if batch_rows is None else batch_rows, batch_max_len or DEFAULT_MAX_LEN)
+    if batch_rows:  # bad values fail before the (possibly long) load
+        check_batching(batch_rows, batch_max_len or DEFAULT_MAX_LEN)
 
     from ..demo import ensure_demo_checkpoint
 

@@ -35,7 +35,7 @@ class ServerLimits:
     default_max_tokens: int = 1024
     max_audio_output_seconds: float = 600.0
     max_text_chars: int = 1_000_000  # all text parts of a request together
-    max_active: int = 8  # requests the worker interleaves at once
+    max_active: int | None = None  # requests in the scheduler at once; None: its batch rows
     max_queued: int = 32  # admitted requests waiting for a worker slot (429 beyond)
     retry_after_seconds: int = 1
     remote_timeout_seconds: float = 20.0
