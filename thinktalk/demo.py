@@ -23,12 +23,18 @@ import torch
 from safetensors.torch import save_file
 
 from .config import parse_config
+from .models.code2wav import Code2Wav
 from .models.omni import OmniModel
 from .processing.tokenizer import build_qwen_tokenizer_files
 from .weights import SINGLE_FILE, checkpoint_layout
 
-DEMO_VERSION = 1  # bump when the demo's config or weight recipe changes: a new cache directory is made
+DEMO_VERSION = 2  # bump when the demo's config or weight recipe changes: a new cache directory is made
 DEMO_SEED = 20251122
+# The demo's speech level. Random weights drive Code2Wav's last convolution far past [-1, 1] (every sample clips at
+# +-1: full-scale noise), so the build rescales that convolution to this RMS, about -26 dBFS: a quiet murmur whose
+# peaks stay well inside [-1, 1]. Measured on random codes as the talker would send them.
+DEMO_SPEECH_RMS = 0.05
+DEMO_CALIBRATION_FRAMES = 50  # 4 s of codec frames at 12.5 Hz: enough samples for a stable mean and RMS
 DEMO_NOTICE = ("thinktalk demo checkpoint: the Qwen3-Omni structure with RANDOM weights - its words are "
                "meaningless. Pass --model DIR to use a real checkpoint.")
 
@@ -87,6 +93,7 @@ def write_demo_checkpoint(directory: Path) -> None:
     config = demo_config()
     model = OmniModel(parse_config(config), audio_output=True)
     randomize_(model, DEMO_SEED)
+    quiet_vocoder_(model.code2wav, DEMO_SEED, DEMO_SPEECH_RMS)
     state = model.state_dict()
     tensors = {}
     for key, source in sorted(checkpoint_layout(model).items()):  # back to the released per-expert layout
@@ -110,3 +117,27 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
             else:
                 param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+
+
+def quiet_vocoder_(code2wav: Code2Wav, seed: int, rms: float) -> None:
+    """Rescales Code2Wav's last convolution so that its output (before the final clamp) has mean 0 and RMS `rms`
+    on random codes. The convolution is linear, so y' = s * (y - b) + b' with s = rms / std(y) and
+    b' = s * (b - mean(y)) gives exactly that; everything before it is untouched."""
+    generator = torch.Generator().manual_seed(seed)
+    cfg = code2wav.cfg
+    codes = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, DEMO_CALIBRATION_FRAMES), generator=generator)
+    last = code2wav.decoder[-1].conv
+    captured: list[torch.Tensor] = []
+    hook = last.register_forward_hook(lambda _module, _inputs, output: captured.append(output.detach()))
+    try:
+        with torch.no_grad():
+            code2wav.decode(codes)
+    finally:
+        hook.remove()
+    (output,) = captured  # (1, 1, samples): the waveform before the clamp
+    mean, std = output.mean(), output.std()
+    assert std > 0, "random weights gave a constant waveform"
+    scale = rms / std
+    with torch.no_grad():
+        last.weight.mul_(scale)
+        last.bias.copy_(scale * (last.bias - mean))
