@@ -28,10 +28,17 @@ from thinktalk.engine.graphs import CapturedStep, StepMode
 from thinktalk.layers.sampler import Sampler
 from thinktalk.engine.talker_prompt import TalkerPrefill
 from thinktalk.engine.talker_session import TalkerSession
+from thinktalk.engine.thinker_batch import PRIVATE_MIN_LEN, PrivateRows, private_length
 from thinktalk.engine.thinker_runner import DecodeStep, ThinkerRunner, text_prefill_inputs
 from thinktalk.layers.moe import ExpertPath, Experts
 from thinktalk.models.talker import Talker
 from thinktalk.models.thinker import Thinker
+from thinktalk.omni import Omni
+from thinktalk.processing.audio import AudioFeatureConfig
+from thinktalk.processing.multimodal import MediaOptions
+from thinktalk.processing.tokenizer import Tokenizer
+from thinktalk.processing.vision import VisionProcessorConfig
+from thinktalk.random_weights import random_model
 
 FRAMES = 6
 PROMPT = 7
@@ -223,3 +230,75 @@ def test_captured_step_rejects_another_shape():
     assert torch.equal(step(torch.ones(3, device=device)), torch.full((3,), 2.0, device=device))
     with pytest.raises(ValueError, match=r"\(4,\)"):
         step(torch.ones(4, device=device))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Private rows kept across requests: a reply decoding alone reuses the one-row batch, and so the decode step (its
+# CUDA graph on a GPU, its compiled code with StepMode.COMPILED), of an earlier reply of the same row length.
+
+LONG_TEXT = "Tell me everything you know about the sea, the tides, the moon and the ships. " * 3
+
+
+def text_omni(qwen_dir, mode: StepMode | None = None) -> Omni:
+    config = tiny_config_dict(talker=False)
+    model = random_model(config, "cpu", torch.float32, seed=9, audio_output=False)
+    media = MediaOptions(AudioFeatureConfig(), VisionProcessorConfig())
+    omni = Omni(parse_config(config), model, Tokenizer.from_dir(qwen_dir), qwen_dir, media)
+    omni.private_rows = PrivateRows(model.thinker, mode=mode)
+    return omni
+
+
+def ask(omni: Omni, text: str, tokens: int) -> list[int]:
+    return omni.generate([{"role": "user", "content": text}], max_new_tokens=tokens, do_sample=False,
+                         stop_token_ids=[-1], return_audio=False).token_ids
+
+
+def decode_steps(omni: Omni) -> list[CapturedStep]:
+    """The decode steps (logits steps, and steps with a greedy pick fused in) of the kept private batches."""
+    runners = [batch.runner for batch in omni.private_rows.idle]
+    return [step for runner in runners for step in (*runner._steps.values(), *runner._picks.values())]
+
+
+def test_private_rows_are_reused_across_generate_calls(qwen_dir):
+    """A long reply, then a short one on the same Omni: one batch and one decode step serve both (its calls count
+    both replies' steps), and the short reply's tokens are those of a fresh Omni (nothing of the long reply's cache
+    leaks into it)."""
+    omni = text_omni(qwen_dir)
+    long_reply = ask(omni, LONG_TEXT, 12)
+    short_reply = ask(omni, "Hi", 7)
+    assert omni.private_rows.built == 1
+    [step] = decode_steps(omni)
+    assert step.calls == (12 - 1) + (7 - 1)  # the first token of each reply comes from its prefill
+    assert short_reply == ask(text_omni(qwen_dir), "Hi", 7)
+    assert long_reply == ask(text_omni(qwen_dir), LONG_TEXT, 12)
+    assert len(set(long_reply)) > 2, "degenerate replies would prove little"
+
+
+def test_private_rows_grow_by_length():
+    """Row lengths are powers of two from PRIVATE_MIN_LEN, capped at the model's positions unless a request is
+    longer; a length's batch is reused, another length gets its own."""
+    assert private_length(1, 10_000) == private_length(PRIVATE_MIN_LEN, 10_000) == PRIVATE_MIN_LEN
+    assert private_length(PRIVATE_MIN_LEN + 1, 10_000) == 2 * PRIVATE_MIN_LEN
+    assert private_length(5000, 6000) == 6000 and private_length(7000, 6000) == 7000
+    thinker = Thinker(parse_config(tiny_config_dict(talker=False)).thinker).eval()
+    rows = PrivateRows(thinker)
+    first = rows.take(10)
+    rows.give_back(release(first))
+    assert rows.take(20) is first and rows.built == 1
+    other = rows.take(PRIVATE_MIN_LEN + 1)
+    assert other is not first and other.max_len == 2 * PRIVATE_MIN_LEN and rows.built == 2
+
+
+def release(batch):
+    batch.release(0)
+    return batch
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_private_step_compiles_once_for_two_requests(qwen_dir):
+    omni = text_omni(qwen_dir, StepMode.COMPILED)
+    first, second = ask(omni, "Hi", 4), ask(omni, "Hello there", 4)
+    [step] = decode_steps(omni)
+    assert step.mode is StepMode.COMPILED and step.captures == 1 and step.calls == 2 * (4 - 1)
+    eager = text_omni(qwen_dir)
+    assert (first, second) == (ask(eager, "Hi", 4), ask(eager, "Hello there", 4))

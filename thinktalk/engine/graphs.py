@@ -71,6 +71,7 @@ class CapturedStep:
         self.generators = [g for g in generators if g is not None]
         self._call = compile_step(fn, device) if mode is StepMode.COMPILED else fn
         self.calls = 0
+        self.captures = 0  # graphs captured (GRAPH) or compilations started (COMPILED): at most one per step
         self.graph: torch.cuda.CUDAGraph | None = None
         self._inputs: list[torch.Tensor] = []
         self._outputs: Outputs | None = None
@@ -83,6 +84,8 @@ class CapturedStep:
     def __call__(self, *inputs: torch.Tensor) -> Outputs:
         self.calls += 1
         if self.mode is not StepMode.GRAPH:
+            if self.mode is StepMode.COMPILED and self.calls == 1:
+                self.captures += 1  # torch.compile compiles at the first call
             return self._call(*inputs)
         if self.graph is None:
             if self.calls <= self.warmup:
@@ -117,6 +120,7 @@ class CapturedStep:
         with torch.cuda.graph(graph, stream=self._side_stream()):
             self._outputs = self.fn(*self._inputs)
         self.graph = graph
+        self.captures += 1
 
     def _copy_in(self, inputs: Sequence[torch.Tensor]) -> None:
         if len(inputs) != len(self._inputs):

@@ -36,8 +36,8 @@ from .encoding import PromptEncoding
 from .graphs import StepMode
 from .prefix_cache import PrefixCache
 from .speech import Speaker
-from .stream import Phase, Stream, StreamSpec
-from .thinker_batch import DEFAULT_MAX_LEN, ThinkerBatch
+from .stream import Phase, Stream, StreamSpec, ThinkerSide
+from .thinker_batch import DEFAULT_MAX_LEN, PrivateRows, ThinkerBatch
 from .thinker_runner import PREFILL_CHUNK
 
 log = logging.getLogger("thinktalk.engine")
@@ -65,8 +65,12 @@ class StepRecord:
 
 
 class Scheduler:
-    def __init__(self, model: OmniModel, cfg: OmniConfig, options: SchedulerOptions = SchedulerOptions()):
+    def __init__(self, model: OmniModel, cfg: OmniConfig, options: SchedulerOptions = SchedulerOptions(),
+                 private_rows: PrivateRows | None = None):
+        """private_rows: where streams that decode alone get their one-row batches (kept across requests, so
+        their decode steps are captured once per length); None: a pool of this scheduler's own."""
         self.model, self.cfg, self.options = model, cfg, options
+        self.private_rows = private_rows or PrivateRows(model.thinker, options.prefill_chunk)
         self.shared = (ThinkerBatch(model.thinker, options.rows, options.max_len, options.compile,
                                     prefill_chunk_size=options.prefill_chunk) if options.rows else None)
         self.speaker = Speaker(model, cfg, options, self._record) if model.talker is not None else None
@@ -161,9 +165,15 @@ class Scheduler:
                 return False  # wait for a free row (streams are admitted in order)
             side.group = self.shared
             return True
-        side.group = ThinkerBatch(self.model.thinker, 1, needed, prefill_chunk_size=self.options.prefill_chunk)
-        side.row, side.private = side.group.take_row(), True
+        side.group, side.row, side.private = self.private_rows.take(needed), 0, True
         return True
+
+    def _free_row(self, side: ThinkerSide) -> None:
+        """The stream's thinker row is free again (a private batch goes back to the pool)."""
+        side.group.release(side.row)
+        if side.private:
+            self.private_rows.give_back(side.group)
+        side.group, side.row, side.private = None, None, False
 
     def _start_encoding(self, stream: Stream) -> None:
         side, prompt = stream.thinker, stream.spec.prompt
@@ -273,8 +283,7 @@ class Scheduler:
         if self.prefix_cache is not None:
             tokens = list(stream.spec.prompt.token_ids) + side.tokens[:-1]  # the last token was never fed
             self.prefix_cache.store(tokens, side.group.row_cache(side.row), side.kept)
-        side.group.release(side.row)
-        side.group, side.row = None, None
+        self._free_row(side)
 
     # -- the end of a stream -------------------------------------------------------------------------------------
 
@@ -298,7 +307,7 @@ class Scheduler:
         """Frees whatever the stream holds; it leaves every queue."""
         side = stream.thinker
         if side.group is not None and side.row is not None:
-            side.group.release(side.row)
+            self._free_row(side)
         side.group = side.row = side.encoding = side.inputs = side.kept = side.prefix = None
         if self.speaker is not None and stream.speech is not None:
             self.speaker.release(stream)

@@ -15,9 +15,15 @@ rounded up to a power of two (`step_rows`): a few static shapes, each compiled o
 that do not decode (free, prefilling, stopped) are parked at the last slot of their own row (CacheCursor.park), the
 one slot no prompt or reply of theirs holds data in. Each row keeps its own Sampler, so a reply gets the tokens it
 would get alone.
+
+A stream decoding alone takes a one-row batch from `PrivateRows`, which keeps released ones between requests, by
+row length rounded up to a power of two: a decode step's graph (CUDA) or compiled code is built once per length and
+replayed by every later request of that length, instead of being recaptured for each reply.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -30,6 +36,8 @@ from .graphs import StepMode
 from .thinker_runner import PREFILL_CHUNK, PrefillInputs, ThinkerRunner, prefill_chunk
 
 DEFAULT_MAX_LEN = 4096  # cache slots per row (prompt + reply): most chats fit; longer requests get a row of their own
+PRIVATE_MIN_LEN = 256  # the shortest private row: short replies all share one step shape
+PRIVATE_IDLE_LIMIT = 4  # released private batches kept, newest first (each holds its KV cache and captured steps)
 
 
 def check_batching(rows: int, max_len: int) -> None:
@@ -161,6 +169,53 @@ class ThinkerBatch:
 
 
 def _plain_greedy(sampler: Sampler) -> bool:
-    """Picked by one argmax over the whole batch (inside the compiled step if all rows are)."""
-    params = sampler.params
-    return not params.do_sample and params.repetition_penalty == 1.0 and sampler.suppress_ids is None
+    """Picked by one argmax over the whole batch (inside the compiled step if all rows are); a row with a grammar
+    constraint or logprobs is picked by its own sampler from the step's logits (see layers/sampler.py)."""
+    return sampler.plain
+
+
+def private_length(needed: int, longest: int) -> int:
+    """Cache slots of a private row for `needed` positions: the next power of two from PRIVATE_MIN_LEN, but no
+    longer than `longest` (the model's positions) unless `needed` itself is."""
+    length = PRIVATE_MIN_LEN
+    while length < needed:
+        length *= 2
+    return max(needed, min(length, longest))
+
+
+class PrivateRows:
+    """One-row ThinkerBatches for streams that decode alone, kept between requests (see the module doc).
+
+    take(needed) -> a batch with its one row taken (a kept one of the right length, else a new one);
+    give_back(batch) once the row is released. Thread-safe: the schedulers of concurrent generate calls share it.
+    mode: how the batches' decode steps run (None: the device's default, a CUDA graph on a GPU).
+    """
+
+    def __init__(self, thinker: Thinker, prefill_chunk_size: int | None = PREFILL_CHUNK,
+                 mode: StepMode | None = None):
+        self.thinker, self.chunk, self.mode = thinker, prefill_chunk_size, mode
+        self.longest = thinker.cfg.text.max_position_embeddings
+        self.idle: list[ThinkerBatch] = []  # released batches, oldest first
+        self.built = 0  # batches made so far (tests and benchmarks count reuse with it)
+        self._lock = threading.Lock()
+
+    def take(self, needed: int) -> ThinkerBatch:
+        length = private_length(needed, self.longest)
+        with self._lock:
+            batch = next((b for b in reversed(self.idle) if b.max_len == length), None)
+            if batch is None:
+                self.built += 1
+            else:
+                self.idle.remove(batch)
+        if batch is None:
+            batch = ThinkerBatch(self.thinker, 1, length, mode=self.mode, prefill_chunk_size=self.chunk)
+        row = batch.take_row()
+        assert row == 0 and not batch.decoding, (row, batch.decoding)
+        return batch
+
+    def give_back(self, batch: ThinkerBatch) -> None:
+        assert batch.rows == 1 and batch.leased == 0, (batch.rows, batch.leased)
+        with self._lock:
+            assert all(b is not batch for b in self.idle), "a private batch given back twice"
+            self.idle.append(batch)
+            del self.idle[:max(0, len(self.idle) - PRIVATE_IDLE_LIMIT)]  # the oldest go, with their caches and graphs
