@@ -125,19 +125,23 @@ def test_speech_from_a_thinker_only_checkpoint_is_an_error(tiny_thinker_only, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_leaves_no_partial_wav(tiny, tmp_path):
+def test_speech_is_playable_under_its_name_while_made_and_ctrl_c_leaves_no_partial_wav(tiny, tmp_path):
     import signal
     import time
+
+    import soundfile
 
     out = tmp_path / "long.wav"
     process = subprocess.Popen([sys.executable, "-m", "thinktalk", "run", "--model", str(tiny.path), "--text", "hi",
                                 "--out", str(out), "--max-tokens", "2000", "--threads", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not any(p.suffix == ".partial" for p in tmp_path.iterdir()) and time.time() < deadline:
+    deadline, frames = time.time() + 300, 0
+    while frames == 0 and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert any(p.suffix == ".partial" for p in tmp_path.iterdir()), "the run never started writing"
+        frames = soundfile.info(out).frames if out.is_file() else 0  # a valid WAV of the speech so far
+    assert frames > 0, "the run never wrote playable speech under the requested name"
+    assert [p.name for p in tmp_path.iterdir()] == ["long.wav"]  # no hidden partial file beside it
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "interrupted" in stderr
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # the interrupted reply does not stay under the requested name

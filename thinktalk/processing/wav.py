@@ -1,19 +1,23 @@
-"""Writing speech to a WAV file as it arrives, without ever leaving a partial file under the requested name.
+"""Writing speech to a WAV file as it is made, playable at every moment, and never left half-made after a stop.
 
-Samples go to a hidden temporary file beside the target; `commit()` renames it into place. If the run stops
-before that (an error, Ctrl-C), `abort()` (or leaving the `with` block by an exception) deletes the temporary file.
+The file is written under the requested name from the start (a valid, empty WAV), and after every chunk of samples
+the header's sizes are rewritten and the file flushed: a player, or another process copying the file, always sees a
+valid WAV of the speech so far (the header may lag the data by at most the chunk being written, never lead it).
+If the reply stops before it is complete (an error, Ctrl-C), `abort()` (or leaving the `with` block by an exception)
+deletes the file, so an interrupted reply never stays under the requested name looking like a whole one. An earlier
+file of that name is replaced when writing starts.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import wave
 from pathlib import Path
 
 import numpy as np
 
 PCM16_MAX = 32767
+PCM16_BYTES = 2  # sample width of 16-bit PCM
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -35,39 +39,47 @@ def to_pcm16(samples: np.ndarray) -> bytes:
 
 
 class WavWriter:
+    """Mono PCM16 at `sample_rate` into `path`, valid after every `write`; `commit()` keeps it, `abort()` removes it."""
+
     def __init__(self, path: str | os.PathLike, sample_rate: int):
         self.target = check_writable(path)
-        # A unique hidden name beside the target, created like any new file (so the umask applies).
-        self.temp = self.target.with_name(f".{self.target.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-        self.handle = open(self.temp, "xb")  # noqa: SIM115 (closed in commit/abort)
+        self.handle = open(self.target, "wb")  # noqa: SIM115 (closed in commit/abort)
         self.file = wave.open(self.handle, "wb")
         self.file.setnchannels(1)
-        self.file.setsampwidth(2)
+        self.file.setsampwidth(PCM16_BYTES)
         self.file.setframerate(sample_rate)
+        self.file.writeframes(b"")  # the header, for zero frames: a valid empty WAV from the start
+        self.handle.flush()
         self.samples = 0
+        self.closed = False
 
     def write(self, samples: np.ndarray) -> None:
+        # samples: (n,) float in [-1, 1]. wave's writeframes appends them, then rewrites the header's sizes (the
+        # file is seekable); the flush makes both visible to readers now, not when the buffer fills.
+        assert not self.closed, "write after commit/abort"
         self.file.writeframes(to_pcm16(samples))
+        self.handle.flush()
         self.samples += samples.size
 
     def _close(self) -> None:
-        self.file.close()  # writes the final header sizes
-        self.handle.close()  # wave does not close a file object it was handed
+        if not self.closed:
+            self.closed = True
+            self.file.close()  # the final header sizes
+            self.handle.close()  # wave does not close a file object it was handed
 
     def commit(self) -> Path:
         self._close()
-        os.replace(self.temp, self.target)
         return self.target
 
     def abort(self) -> None:
         self._close()
-        self.temp.unlink(missing_ok=True)
+        self.target.unlink(missing_ok=True)
 
-    def __enter__(self) -> "WavWriter":
+    def __enter__(self) -> WavWriter:
         return self
 
     def __exit__(self, kind, error, trace) -> None:
         if kind is not None:
             self.abort()
-        elif self.temp.exists():
+        else:
             self.commit()
