@@ -329,6 +329,11 @@ class Tokenizer:
         """Ids of all added tokens (matched atomically), special or not."""
         return frozenset(self._added)
 
+    @property
+    def added_texts(self) -> tuple[str, ...]:
+        """The text of every added token (matched atomically by `encode`), longest first."""
+        return tuple(sorted({content for content in self._added.values() if content}, key=len, reverse=True))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; added tokens written in the text are matched atomically."""
         if not isinstance(text, str):
@@ -351,13 +356,13 @@ class Tokenizer:
 
         Added-token strings in trusted pieces are those tokens. With `split_special`, untrusted pieces are ordinary
         text: the text between two trusted added tokens is encoded as one run, so the ids equal `encode` of the
-        joined text whenever no untrusted piece spells an added token (the common case takes `encode` itself).
+        joined text whenever no untrusted piece spells an added token and no two pieces join into one at their border
+        (the common case takes `encode` itself).
         """
         pieces = list(pieces)
         whole = "".join(text for text, _ in pieces)
         pattern = self._added_text
-        if not split_special or pattern is None or not any(
-                pattern.search(text) for text, trusted in pieces if not trusted):
+        if not split_special or pattern is None or self._matches_stay_in_trusted_pieces(pieces, whole):
             return self.encode(whole)
         ids: list[int] = []
         run: list[str] = []  # ordinary text since the last control token
@@ -373,6 +378,16 @@ class Tokenizer:
                 run, at = [], match.end()
             run.append(text[at:])
         return ids + (self.encode_ordinary("".join(run)) if any(run) else [])
+
+    def _matches_stay_in_trusted_pieces(self, pieces: list[tuple[str, bool]], whole: str) -> bool:
+        """The added tokens `encode(whole)` would match are exactly those inside trusted pieces: no untrusted piece
+        spells one, and no two neighbouring pieces ("<|im_" + "end|>") join into one across their border."""
+        found, at = [], 0
+        for text, trusted in pieces:
+            if trusted:
+                found += [(at + m.start(), at + m.end()) for m in self._added_text.finditer(text)]
+            at += len(text)
+        return found == [m.span() for m in self._added_text.finditer(whole)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; invalid UTF-8 byte sequences become U+FFFD."""
