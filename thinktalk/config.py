@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config_reader import ConfigError, FieldReader
+from .layers.activation import ACTIVATIONS
 
 __all__ = ["ConfigError", "OmniConfig", "load_config", "parse_config"]
 
@@ -185,6 +186,14 @@ class VisionEncoderConfig:
     hidden_act: str = "gelu_pytorch_tanh"
 
 
+def _activation(f: FieldReader, name: str, default: str) -> str:
+    """An encoder's activation, one of those layers/activation.py computes."""
+    act = f.str(name, default)
+    if act not in ACTIVATIONS:
+        raise f.fail(name, f"must be one of {', '.join(sorted(ACTIVATIONS))}, got {act!r}")
+    return act
+
+
 def _parse_audio(f: FieldReader) -> AudioEncoderConfig:
     d_model, heads = f.int("d_model", minimum=1), f.int("encoder_attention_heads", minimum=1)
     if d_model % heads:
@@ -201,7 +210,7 @@ def _parse_audio(f: FieldReader) -> AudioEncoderConfig:
         n_window_infer=f.int("n_window_infer", minimum=1),
         conv_chunksize=f.int("conv_chunksize", 500, minimum=1),
         max_source_positions=f.int("max_source_positions", minimum=1),
-        activation=f.str("activation_function", "gelu"),
+        activation=_activation(f, "activation_function", "gelu"),
     )
 
 
@@ -228,7 +237,7 @@ def _parse_vision(f: FieldReader) -> VisionEncoderConfig:
         out_hidden_size=f.int("out_hidden_size", minimum=1),
         num_position_embeddings=positions,
         deepstack_visual_indexes=deepstack,
-        hidden_act=f.str("hidden_act", "gelu_pytorch_tanh"),
+        hidden_act=_activation(f, "hidden_act", "gelu_pytorch_tanh"),
     )
 
 

@@ -8,15 +8,25 @@ import torch.nn.functional as F
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
+QUICK_GELU_SCALE = 1.702  # CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU approximated by a sigmoid (CLIP's `quick_gelu`; the vision config of transformers' own tiny
+    Qwen3-Omni test model uses it)."""
+    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "gelu": F.gelu,  # the exact erf GELU
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),  # GELU's tanh approximation, as torch computes it
+    "quick_gelu": quick_gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
 
 def activation_by_name(name: str) -> Activation:
-    """'gelu' is the exact erf GELU; 'gelu_pytorch_tanh' is GELU's tanh approximation, as torch computes it."""
-    table: dict[str, Activation] = {
-        "gelu": F.gelu,
-        "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-        "silu": F.silu,
-        "relu": F.relu,
-    }
-    if name not in table:
-        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(table))}")
-    return table[name]
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
