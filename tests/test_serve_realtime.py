@@ -16,6 +16,8 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+import speech  # noqa: E402
+from realtime_schema import validate  # noqa: E402
 from thinktalk import Omni  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
@@ -43,9 +45,11 @@ def send_audio(ws, audio: np.ndarray, chunk_ms: int = 100) -> None:
 
 
 def receive_until(ws, done: str, limit: int = 5000) -> list[dict]:
+    """The server's events up to the first `done`, each checked against the openai package's models."""
     events = []
     for _ in range(limit):
         events.append(json.loads(ws.receive_text()))
+        validate(events[-1])
         if events[-1]["type"] == done:
             return events
     raise AssertionError(f"no {done} within {limit} events")
@@ -87,7 +91,7 @@ def test_energy_vad_finds_the_tone_with_its_edges():
 
 
 def test_input_buffer_cuts_turns_with_prefix_padding_and_forgets_cleared_speech():
-    buffer = InputBuffer(RATE)
+    buffer = InputBuffer(RATE, "energy")  # a tone is not speech to Silero (tests/test_vad_noise.py)
     buffer.detect(VadSettings(0.5, 100, 200))
     audio = tone_turn(seconds=0.6, lead=0.3, tail=0.5)
     turns = [t for start in range(0, len(audio), 2400) for t in buffer.append(audio[start:start + 2400])]
@@ -123,7 +127,7 @@ def test_two_voice_turns_with_server_vad(client, omni):
         assert updated["session"]["audio"]["output"]["voice"] == omni.voices[-1]
         previous = None
         for turn in range(2):
-            send_audio(ws, tone_turn(hz=300.0 + 200 * turn))
+            send_audio(ws, speech.spoken_turn(turn))
             events = receive_until(ws, "response.done")
             order = kinds(events)
             assert order[:7] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
@@ -157,9 +161,9 @@ def test_barge_in_cancels_the_reply(client):
         ws.send_text(json.dumps({"type": "session.update", "session": {
             "turn_detection": VAD, "max_output_tokens": 400, "talker_max_new_tokens": 400}}))
         receive_until(ws, "session.updated")
-        send_audio(ws, tone_turn())
+        send_audio(ws, speech.spoken_turn(0))
         receive_until(ws, "response.created")
-        send_audio(ws, tone_turn(lead=0.0, tail=0.0))  # the user speaks again over the reply
+        send_audio(ws, speech.spoken_turn(1, lead=0.0, tail=0.0))  # the user speaks again over the reply
         events = receive_until(ws, "response.done")
         assert "input_audio_buffer.speech_started" in kinds(events)
         assert events[-1]["response"]["status"] == "cancelled"

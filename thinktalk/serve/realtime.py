@@ -137,13 +137,17 @@ def _authorized(websocket: WebSocket, offered: list[str], api_key: str) -> bool:
 
 
 def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str, Any] | None = None,
-                    api_key: str | None = None) -> APIRouter:
+                    api_key: str | None = None, model_name: str | None = None,
+                    vad: str = "silero") -> APIRouter:
     """`WS /v1/realtime` and `GET /v1/realtime/voices` over `omni`. `runner` runs replies off the event loop (the
     HTTP server's worker through WorkerStreamRunner, or by default a thread per reply); `defaults` seed every
     session (SessionState fields, e.g. {"max_output_tokens": 64, "talker_max_new_tokens": 24}); with `api_key` the
-    socket is refused (close code 1008) without it."""
+    socket is refused (close code 1008) without it; `model_name`: the served name (default: the checkpoint
+    folder's), given as `session.model` and to the page; `vad`: server VAD's detector, "silero" (the energy
+    detector when silero-vad is not installed) or "energy" (vad.py)."""
     runner = runner or ThreadStreamRunner(omni)
-    base = SessionState(voice=omni.default_voice if omni.voices else "", **(defaults or {}))
+    model_name = model_name or omni.path.name
+    base = SessionState(model=model_name, voice=omni.default_voice if omni.voices else "", **(defaults or {}))
     router = APIRouter()
 
     @router.get("/v1/realtime/voices")
@@ -157,7 +161,7 @@ def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str
             await websocket.close(code=1008, reason="missing or invalid API key")
             return
         await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
-        await RealtimeSession(websocket, omni, runner, base).run()
+        await RealtimeSession(websocket, omni, runner, base, vad).run()
 
     return router
 

@@ -59,6 +59,7 @@ class SessionPatch(BaseModel):
 
 class SessionState(BaseModel):
     id: str = ""
+    model: str = ""  # the served model name (session.model)
     instructions: str = ""
     voice: str = ""
     output_modalities: list[Literal["text", "audio"]] = ["audio"]
@@ -89,7 +90,7 @@ class SessionState(BaseModel):
         """The session as OpenAI's GA `session` object (plus thinktalk's own fields)."""
         pcm = {"type": "audio/pcm", "rate": WIRE_RATE}
         td = None if self.turn_detection is None else self.turn_detection.model_dump()
-        return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": "qwen3-omni",
+        return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": self.model,
                 "instructions": self.instructions, "output_modalities": self.output_modalities,
                 "max_output_tokens": self.max_output_tokens,
                 "audio": {"input": {"format": pcm, "turn_detection": td},

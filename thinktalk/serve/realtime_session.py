@@ -72,12 +72,13 @@ class SocketGone(Exception):
 
 
 class RealtimeSession:
-    def __init__(self, websocket: WebSocket, omni, runner: StreamRunner, defaults: SessionState):
+    def __init__(self, websocket: WebSocket, omni, runner: StreamRunner, defaults: SessionState,
+                 detector: str = "silero"):
         self.ws, self.omni, self.runner = websocket, omni, runner
         self.state = defaults.model_copy(update={"id": new_id("sess")})
         self.items: list[dict] = []  # conversation items as the client sees them (OpenAI format)
         self.messages: list[dict] = []  # the same, as Omni messages
-        self.input = InputBuffer(WIRE_RATE)  # uncommitted input audio, and server VAD's turns
+        self.input = InputBuffer(WIRE_RATE, detector)  # uncommitted input audio, and server VAD's turns
         self.turn_item = new_id("item")  # the id the next committed audio item gets
         self.reply: asyncio.Task | None = None
         self.cancel = Cancel()
@@ -281,7 +282,9 @@ class RealtimeSession:
     async def _reply(self, cancel: Cancel, max_tokens: int | None, instructions: str | None) -> None:
         response_id, item_id = new_id("resp"), new_id("item")
         speak = "audio" in self.state.output_modalities and bool(self.omni.voices)
-        part_type, text_field = ("output_audio", "transcript") if speak else ("output_text", "text")
+        # GA schema: the item's content says output_audio / output_text, a content part event's `part` audio / text
+        item_type, part_type, text_field = (("output_audio", "audio", "transcript") if speak
+                                            else ("output_text", "text", "text"))
         response = {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": [],
                     "output_modalities": ["audio"] if speak else ["text"], "usage": None}
         item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
@@ -323,7 +326,7 @@ class RealtimeSession:
         if cancel.is_set() and status == "completed":
             status = "cancelled"
         reply_text = "".join(text)
-        content = {"type": part_type, text_field: reply_text}
+        content = {"type": item_type, text_field: reply_text}
         item.update(status="completed" if status == "completed" else "incomplete", content=[content])
         if reply_text:
             self.items.append(item)
@@ -335,7 +338,8 @@ class RealtimeSession:
         if speak:
             await self.send(ServerEvent.of("response.output_audio.done", **where))
         await self.send(ServerEvent.of(text_kind + ".done", **{text_field: reply_text}, **where))
-        await self.send(ServerEvent.of("response.content_part.done", part=content, **where))
+        await self.send(ServerEvent.of("response.content_part.done", part={"type": part_type, text_field: reply_text},
+                                       **where))
         await self.send(ServerEvent.of("response.output_item.done", response_id=response_id, output_index=0,
                                        item=item))
         reason = self.cancel_reason if status == "cancelled" else None
