@@ -8,20 +8,26 @@ weights serves both (the full model is 70.5 GB; two copies would not fit an 80 G
 thinktalk | reference | ratio (how many times better thinktalk is):
 
     thinker   prefill tok/s of a 2,500-token prompt; decode tok/s at batch 1, 8, 32 (greedy)
-    talker    frames/s: one talker step + one code-predictor pass (15 residual codes) per frame
+    talker    frames/s: one talker step + one code-predictor pass (15 residual codes) per frame; cold: the first
+              frames of a new TalkerSession (its eager warm-up calls and graph captures), steady: later frames of
+              that same session
     code2wav  ms per frame: thinktalk streams one frame per call; the reference has only a one-shot decode
     speech    a 5-second audio question, spoken reply: time to the first audio packet (cold = the first request
               after start-up, then 1, 4 and 8 concurrent requests) and real-time factor at 1 and 16 concurrent.
-              thinktalk: Omni.stream generators advanced round-robin on one thread, sharing decode steps
-              (Omni.enable_batching), as its server does.
+              thinktalk: requests submitted to the Omni's one persistent scheduler (Omni.enable_batching, then
+              Omni.submit), which this thread iterates as the server's worker does: concurrent replies share each
+              thinker decode step, talker step, code-predictor pass and Code2Wav call. The scheduler is built once;
+              each concurrency level runs twice on it: cold (its first run at that level captures the decode
+              step of that many rows) and steady (the same scheduler, everything captured).
               The reference has no streaming: its first packet is its whole reply; concurrent requests are one
-              batched generate() call.
+              batched generate() call (one run per level, beside thinktalk's steady figure).
     memory    peak GPU memory of each engine's sections (both include the shared weights)
 
-Timing brackets work with torch.cuda.synchronize on CUDA. Every figure is the best of --runs runs, except the
-speech rows (one run each). `--config full` is the released config (tests/data/); another config.json can be given
-as a path. `--config tiny --device cpu` runs every
-section in seconds (tests/test_bench_gpu.py runs it).
+Every timed object is warmed untimed first, or its first run is printed apart as a cold figure. Timing brackets
+work with torch.cuda.synchronize on CUDA. Every figure is the best of --runs runs, except the speech rows (one run
+each). `--config full` is the released config (tests/data/); another config.json can be given as a path.
+`--config tiny --device cpu` runs every section in seconds (tests/test_bench_gpu.py runs it). bench/gpu_run.py runs
+the same figures as prioritised stages with time limits, for a device run.
 """
 
 from __future__ import annotations
@@ -47,16 +53,15 @@ from test_multimodal_parity import reference_inputs  # noqa: E402
 from thinker_cpu import TokenClock  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
 
 from thinktalk.config import SamplingConfig, parse_config  # noqa: E402
-from thinktalk.engine.graphs import StepMode, default_mode  # noqa: E402
 from thinktalk.engine.encoding import PromptEncoding  # noqa: E402
-from thinktalk.engine.thinker_runner import ThinkerRunner  # noqa: E402
-from thinktalk.events import AudioChunk  # noqa: E402
-from thinktalk.layers.sampler import Sampler  # noqa: E402
-from thinktalk.engine.talker_prompt import build_talker_prefill  # noqa: E402
+from thinktalk.engine.graphs import WARMUP_CALLS, StepMode, default_mode  # noqa: E402
+from thinktalk.engine.talker_prompt import TalkerPrefill, build_talker_prefill  # noqa: E402
 from thinktalk.engine.talker_session import TalkerSession  # noqa: E402
 from thinktalk.engine.thinker_runner import ThinkerRunner, text_prefill_inputs  # noqa: E402
+from thinktalk.events import AudioChunk, Done, Event, Failed  # noqa: E402
+from thinktalk.layers.sampler import Sampler  # noqa: E402
 from thinktalk.models.code2wav import Code2WavStream  # noqa: E402
-from thinktalk.omni import Done, Omni  # noqa: E402
+from thinktalk.omni import Omni  # noqa: E402
 from thinktalk.processing.audio import AudioFeatureConfig  # noqa: E402
 from thinktalk.processing.multimodal import MediaOptions  # noqa: E402
 from thinktalk.processing.tokenizer import Tokenizer, build_qwen_tokenizer_files  # noqa: E402
@@ -67,8 +72,10 @@ SEED = 20251122
 SECTIONS = ("thinker", "talker", "code2wav", "speech")
 DECODE_BATCHES = (1, 8, 32)
 TTFA_CONCURRENCY, RTF_CONCURRENCY = (1, 4, 8), (1, 16)
+SPEECH_LEVELS = tuple(sorted(set(TTFA_CONCURRENCY) | set(RTF_CONCURRENCY)))
 QUESTION_SECONDS, QUESTION_HZ, SAMPLE_RATE = 5.0, 440.0, 16000
 VOICE = "ethan"
+COLD_FRAMES = WARMUP_CALLS + 2  # a new session's first frames: its eager warm-up calls, the capture, one replay
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,7 @@ class Budgets:
     prompt: int = 2500  # prefill prompt, tokens
     decode_prompt: int = 128  # prompt before the timed decode steps
     new_tokens: int = 64  # timed decode steps
-    talker_frames: int = 50
+    talker_frames: int = 50  # timed steady frames per run
     code2wav_frames: int = 100
     speech_tokens: int = 24  # thinker tokens of a spoken reply
     speech_frames: int = 40  # codec frames of a spoken reply (12.5 per second)
@@ -93,6 +100,7 @@ class Row:
     theirs: float | None
     higher_is_better: bool
     note: str = ""
+    key: str = ""  # the figure's name in bench/gpu_run.py's RESULT lines
 
     def line(self) -> str:
         def cell(v):
@@ -102,7 +110,7 @@ class Row:
             ratio = "n/a"
         else:
             ratio = f"{(self.ours / self.theirs) if self.higher_is_better else (self.theirs / self.ours):.2f}x"
-        return f"{self.label:<52} | {cell(self.ours):>11} | {cell(self.theirs):>11} | {ratio:>8}  {self.note}"
+        return f"{self.label:<58} | {cell(self.ours):>11} | {cell(self.theirs):>11} | {ratio:>8}  {self.note}"
 
 
 class Clock:
@@ -161,23 +169,28 @@ def reference_thinker_generate(s: Setup, prompts: list[list[int]], new_tokens: i
                                  min_new_tokens=new_tokens, do_sample=False, streamer=streamer)
 
 
-def thinker_rows(s: Setup) -> list[Row]:
+def prefill_row(s: Setup) -> Row:
+    """One runner, warmed by an untimed prefill, then timed prefills of the same prompt into it."""
     thinker, b, vocab = s.omni.model.thinker, s.budgets, s.omni.cfg.thinker.text.vocab_size
     prompt = random_prompts(1, b.prompt, vocab, seed=1)
-
-    def ours_prefill():
-        runner = ThinkerRunner(thinker, 1, b.prompt + 1)
-        runner.prefill(text_prefill_inputs(thinker, prompt, s.omni.device))
-
-    ours = s.clock.best_of(s.runs, "thinktalk", ours_prefill)
+    runner = ThinkerRunner(thinker, 1, b.prompt + 1, mode=s.mode)
+    inputs = text_prefill_inputs(thinker, prompt, s.omni.device)
+    with s.clock.engine("thinktalk"):
+        runner.prefill(inputs)  # warm-up
+    ours = s.clock.best_of(s.runs, "thinktalk", lambda: runner.prefill(inputs))
+    with s.clock.engine("reference"):
+        reference_thinker_generate(s, prompt, 1)  # warm-up
     theirs = s.clock.best_of(s.runs, "reference", lambda: reference_thinker_generate(s, prompt, 1))
-    rows = [Row(f"thinker prefill tok/s ({b.prompt}-token prompt)", b.prompt / ours, b.prompt / theirs, True)]
-    for batch in DECODE_BATCHES:
-        prompts = random_prompts(batch, b.decode_prompt, vocab, seed=batch)
-        ours, theirs = ours_decode_seconds(s, prompts), reference_decode_seconds(s, prompts)
-        rows.append(Row(f"thinker decode tok/s, batch {batch}", batch * b.new_tokens / ours,
-                        batch * b.new_tokens / theirs, True))
-    return rows
+    return Row(f"thinker prefill tok/s ({b.prompt}-token prompt)", b.prompt / ours, b.prompt / theirs, True,
+               key="prefill_tok_s")
+
+
+def decode_row(s: Setup, batch: int, reference: bool = True) -> Row:
+    vocab, n = s.omni.cfg.thinker.text.vocab_size, s.budgets.new_tokens
+    prompts = random_prompts(batch, s.budgets.decode_prompt, vocab, seed=batch)
+    ours = batch * n / ours_decode_seconds(s, prompts)
+    theirs = batch * n / reference_decode_seconds(s, prompts) if reference else None
+    return Row(f"thinker decode tok/s, batch {batch}", ours, theirs, True, key=f"decode_b{batch}_tok_s")
 
 
 def ours_decode_seconds(s: Setup, prompts: list[list[int]]) -> float:
@@ -195,7 +208,7 @@ def ours_decode_seconds(s: Setup, prompts: list[list[int]]) -> float:
         return s.clock.now() - start
 
     with s.clock.engine("thinktalk"):
-        run(4)  # warm-up: two eager steps, then the capture (GRAPH) or the compile (COMPILED)
+        run(WARMUP_CALLS + 2)  # warm-up: the eager steps, then the capture (GRAPH) or the compile (COMPILED)
         return min(run(n) for _ in range(s.runs))
 
 
@@ -226,8 +239,8 @@ def question(text: str = "What do you hear?") -> list[dict]:
                                          {"type": "text", "text": text}]}]
 
 
-def ours_talker_seconds(s: Setup, frames: int) -> tuple[float, int]:
-    """(seconds, frames made) for `frames` talker frames after the talker prefill of the audio question."""
+def question_talker_prefill(s: Setup) -> TalkerPrefill:
+    """The talker prompt of the audio question, after its encoding and thinker prefill (untimed set-up)."""
     omni, cfg = s.omni, s.omni.cfg
     talker, embed = omni.model.talker, omni.model.thinker.embed
     prompt = omni.prepare(question())
@@ -238,17 +251,138 @@ def ours_talker_seconds(s: Setup, frames: int) -> tuple[float, int]:
     runner = ThinkerRunner(omni.model.thinker, 1, inputs.embeds.shape[1])
     logits, kept = runner.prefill(inputs)
     first = embed(logits.argmax(-1))[0]
-    prefill = build_talker_prefill(talker, cfg, inputs.token_ids[0], inputs.embeds[0], kept[0],
-                                   prompt.layout, prompt.use_audio_in_video, first, cfg.talker.speaker_id(VOICE),
-                                   embed)
-    session = TalkerSession(talker, cfg, prefill, SamplingConfig(max_new_tokens=frames + 2), mode=s.mode)
-    pad = prefill.text_embeds[2].unsqueeze(0)
+    return build_talker_prefill(talker, cfg, inputs.token_ids[0], inputs.embeds[0], kept[0], prompt.layout,
+                                prompt.use_audio_in_video, first, cfg.talker.speaker_id(VOICE), embed)
+
+
+def talker_frames(s: Setup, session: TalkerSession, pad: torch.Tensor, frames: int) -> tuple[float, int]:
+    """(seconds, frames made) for up to `frames` more frames of `session`."""
     made, start = 0, s.clock.now()
     while made < frames and not session.finished:
-        codes, codec_sum = session.complete()
+        _, codec_sum = session.complete()
         session.advance(codec_sum, pad)
         made += 1
     return s.clock.now() - start, made
+
+
+def ours_talker_rates(s: Setup) -> tuple[float, float]:
+    """(cold, steady) frames/s of ONE TalkerSession: cold over its first COLD_FRAMES frames (its eager warm-up
+    calls and graph captures included), steady the best of --runs runs of talker_frames later frames."""
+    frames = s.budgets.talker_frames
+    with s.clock.engine("thinktalk"):
+        prefill = question_talker_prefill(s)
+        budget = COLD_FRAMES + s.runs * frames + 2
+        session = TalkerSession(s.omni.model.talker, s.omni.cfg, prefill, SamplingConfig(max_new_tokens=budget),
+                                mode=s.mode)
+        pad = prefill.text_embeds[2].unsqueeze(0)
+        seconds, made = talker_frames(s, session, pad, COLD_FRAMES)
+        cold = made / seconds
+        runs = [talker_frames(s, session, pad, frames) for _ in range(s.runs)]
+    steady = [made / seconds for seconds, made in runs if made]
+    assert steady, "the talker ended during its warm-up frames: no steady frames to time"
+    return cold, max(steady)
+
+
+def reference_talker_rate(s: Setup) -> float:
+    """Its talker generate()'s tokens per second, clocked by a streamer, from its second token to its last."""
+    def once() -> float:
+        clock = TokenClock()
+        reference_speak(s, 1, clock)
+        generated = clock.times[1:]  # the first put is the (empty) prompt
+        return (len(generated) - 1) / (generated[-1] - generated[0])
+
+    with s.clock.engine("reference"):
+        return max(once() for _ in range(s.runs))
+
+
+def talker_rows(s: Setup, reference: bool = True) -> list[Row]:
+    cold, steady = ours_talker_rates(s)
+    theirs = reference_talker_rate(s) if reference else None
+    note = f"(reference: its talker generate() per token, {s.budgets.speech_frames} frames)"
+    return [Row(f"talker frames/s, cold (a new session's first {COLD_FRAMES} frames)", cold, None, True,
+                "(eager warm-up calls and graph captures included)", key="talker_cold_frames_s"),
+            Row("talker frames/s, steady (talker step + code predictor)", steady, theirs, True, note,
+                key="talker_steady_frames_s")]
+
+
+def code2wav_rows(s: Setup) -> list[Row]:
+    cfg, frames = s.omni.cfg.code2wav, s.budgets.code2wav_frames
+    codes = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, frames),
+                          generator=torch.Generator().manual_seed(2)).to(s.omni.device)
+
+    def ours():
+        stream = Code2WavStream(s.omni.model.code2wav)
+        for f in range(frames):
+            stream.feed(codes[..., f:f + 1])
+        stream.finish()
+
+    def theirs():
+        s.reference.code2wav.chunked_decode(codes, 300, 25)
+
+    with s.clock.engine("thinktalk"):
+        ours()  # warm-up
+    ours_s = s.clock.best_of(s.runs, "thinktalk", ours)
+    with s.clock.engine("reference"):
+        theirs()  # warm-up
+    theirs_s = s.clock.best_of(s.runs, "reference", theirs)
+    return [Row("code2wav ms per frame (streaming, 1 frame per call)", 1e3 * ours_s / frames,
+                1e3 * theirs_s / frames, False, "(reference: one-shot chunked_decode; it cannot stream)",
+                key="code2wav_ms_per_frame")]
+
+
+# ---------------------------------------------------------------------------------------------------------- speech
+
+
+@dataclass
+class Reply:
+    first_audio: float  # seconds from the start to the first audio packet
+    total: float  # seconds from the start to the last event
+    audio: float  # seconds of audio
+
+
+class ReplyTimer:
+    """A request's event sink: when its first audio packet and its Done came, and how much audio it made."""
+
+    def __init__(self, clock: Clock, start: float):
+        self.clock, self.start = clock, start
+        self.first: float | None = None
+        self.reply: Reply | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, AudioChunk) and self.first is None:
+            self.first = self.clock.now() - self.start
+        elif isinstance(event, Done):
+            audio = event.result.audio.size / event.result.sample_rate
+            self.reply = Reply(self.first, self.clock.now() - self.start, audio)
+        elif isinstance(event, Failed):
+            self.error = event.error
+
+
+def speech_scheduler(s: Setup) -> None:
+    """The Omni's persistent scheduler with rows for the highest concurrency, unless it has one already."""
+    if s.omni.scheduler is None:
+        max_len = len(s.omni.encode_prompt(question())) + s.budgets.speech_tokens + 1
+        s.omni.enable_batching(rows=max(SPEECH_LEVELS), max_len=max_len)
+
+
+def ours_speak(s: Setup, concurrency: int) -> list[Reply]:
+    """`concurrency` spoken replies submitted together to the Omni's persistent scheduler, which this thread
+    iterates until they are all done (as the server's worker does)."""
+    b = s.budgets
+    speech_scheduler(s)
+    start = s.clock.now()
+    timers = [ReplyTimer(s.clock, start) for _ in range(concurrency)]
+    for timer in timers:
+        request = s.omni.request(question(), return_audio=True, voice=VOICE, max_new_tokens=b.speech_tokens,
+                                 do_sample=False, stop_token_ids=[-1], talker_do_sample=False,
+                                 talker_max_new_tokens=b.speech_frames + 1)
+        s.omni.submit(request, timer)
+    while not all(t.reply or t.error for t in timers):
+        s.omni.iterate()
+    if errors := [t.error for t in timers if t.error is not None]:
+        raise errors[0]
+    return [t.reply for t in timers]
 
 
 def reference_speech_inputs(s: Setup, concurrency: int) -> dict:
@@ -272,115 +406,50 @@ def reference_speak(s: Setup, concurrency: int, streamer=None) -> float:
     return samples / s.omni.cfg.code2wav.sample_rate
 
 
-def talker_rows(s: Setup) -> list[Row]:
-    frames = s.budgets.talker_frames
-    with s.clock.engine("thinktalk"):
-        ours_talker_seconds(s, 2)  # warm-up
-        ours = max(made / seconds for seconds, made in (ours_talker_seconds(s, frames) for _ in range(s.runs)))
-
-    def reference_rate() -> float:
-        clock = TokenClock()
-        reference_speak(s, 1, clock)
-        generated = clock.times[1:]  # the first put is the (empty) prompt
-        return (len(generated) - 1) / (generated[-1] - generated[0])
-
-    with s.clock.engine("reference"):
-        theirs = max(reference_rate() for _ in range(s.runs))
-    note = f"(reference: its talker generate() per token, {s.budgets.speech_frames} frames)"
-    return [Row("talker frames/s (talker step + code predictor)", ours, theirs, True, note)]
-
-
-def code2wav_rows(s: Setup) -> list[Row]:
-    cfg, frames = s.omni.cfg.code2wav, s.budgets.code2wav_frames
-    codes = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, frames),
-                          generator=torch.Generator().manual_seed(2)).to(s.omni.device)
-
-    def ours():
-        stream = Code2WavStream(s.omni.model.code2wav)
-        for f in range(frames):
-            stream.feed(codes[..., f:f + 1])
-        stream.finish()
-
-    ours_s = s.clock.best_of(s.runs, "thinktalk", ours)
-    theirs_s = s.clock.best_of(s.runs, "reference", lambda: s.reference.code2wav.chunked_decode(codes, 300, 25))
-    return [Row("code2wav ms per frame (streaming, 1 frame per call)", 1e3 * ours_s / frames,
-                1e3 * theirs_s / frames, False, "(reference: one-shot chunked_decode; it cannot stream)")]
-
-
-# ---------------------------------------------------------------------------------------------------------- speech
-
-
-@dataclass
-class Reply:
-    first_audio: float  # seconds from the start to the first audio packet
-    total: float  # seconds from the start to the last event
-    audio: float  # seconds of audio
-
-
-def ours_speak(s: Setup, concurrency: int) -> list[Reply]:
-    """`concurrency` spoken replies, their Omni.stream generators advanced round-robin, one event each per turn,
-    sharing decode steps through Omni.enable_batching (as the server does)."""
-    b = s.budgets
-    s.omni.enable_batching(rows=concurrency, max_len=len(s.omni.encode_prompt(question())) + b.speech_tokens + 1)
-    try:
-        return _speak_round_robin(s, concurrency)
-    finally:
-        s.omni.disable_batching()
-
-
-def _speak_round_robin(s: Setup, concurrency: int) -> list[Reply]:
-    b, start = s.budgets, s.clock.now()
-    streams = [s.omni.stream(question(), return_audio=True, voice=VOICE, max_new_tokens=b.speech_tokens,
-                             do_sample=False, stop_token_ids=[-1], talker_do_sample=False,
-                             talker_max_new_tokens=b.speech_frames + 1) for _ in range(concurrency)]
-    first: list[float | None] = [None] * concurrency
-    replies: dict[int, Reply] = {}
-    while len(replies) < concurrency:
-        for i, stream in enumerate(streams):
-            if i in replies:
-                continue
-            event = next(stream)
-            if isinstance(event, AudioChunk) and first[i] is None:
-                first[i] = s.clock.now() - start
-            elif isinstance(event, Done):
-                audio = event.result.audio.size / event.result.sample_rate
-                replies[i] = Reply(first[i], s.clock.now() - start, audio)
-    return [replies[i] for i in range(concurrency)]
-
-
 def reference_replies(s: Setup, concurrency: int) -> tuple[Reply, str]:
     """The reference's batched reply: every request's first (and only) packet comes at the end."""
     run = min(concurrency, s.reference_max_concurrency)
     note = "" if run == concurrency else f"(reference bounded: {run} requests, not {concurrency})"
-    start = s.clock.now()
-    audio = reference_speak(s, run)
-    total = s.clock.now() - start
+    with s.clock.engine("reference"):
+        start = s.clock.now()
+        audio = reference_speak(s, run)
+        total = s.clock.now() - start
     return Reply(total, total, audio), note
 
 
-def speech_rows(s: Setup, cold: tuple[Reply, Reply]) -> list[Row]:
-    rows = [Row("first audio s, 5-s audio question, cold", cold[0].first_audio, cold[1].first_audio, False)]
-    for n in sorted(set(TTFA_CONCURRENCY) | set(RTF_CONCURRENCY)):
-        with s.clock.engine("thinktalk"):
-            ours = ours_speak(s, n)
-        with s.clock.engine("reference"):
-            theirs, note = reference_replies(s, n)
-        if n in TTFA_CONCURRENCY:
-            rows.append(Row(f"first audio s, {n} concurrent (mean)", float(np.mean([r.first_audio for r in ours])),
-                            theirs.first_audio, False, note))
-        if n in RTF_CONCURRENCY:
-            rows.append(Row(f"RTF, {n} concurrent (mean)", float(np.mean([r.total / r.audio for r in ours])),
-                            theirs.total / theirs.audio, False, note))
+def cold_first_audio(s: Setup) -> Reply:
+    """thinktalk's first request after start-up (nothing warmed): the persistent scheduler's first reply."""
+    with s.clock.engine("thinktalk"):
+        return ours_speak(s, 1)[0]
+
+
+def level_rows(s: Setup, n: int, reference: bool = True) -> list[Row]:
+    """Concurrency n on the one scheduler: its first run (cold: captures the n-row step) and a second (steady)."""
+    with s.clock.engine("thinktalk"):
+        cold, steady = ours_speak(s, n), ours_speak(s, n)
+    theirs, note = reference_replies(s, n) if reference else (None, "")
+    rows = []
+    if n in TTFA_CONCURRENCY:
+        for label, replies, other in (("cold", cold, None), ("steady", steady, theirs)):
+            rows.append(Row(f"first audio s, {n} concurrent (mean), {label}",
+                            float(np.mean([r.first_audio for r in replies])),
+                            None if other is None else other.first_audio, False, note if other else "",
+                            key=f"first_audio_c{n}_{label}_s"))
+    if n in RTF_CONCURRENCY:
+        for label, replies, other in (("cold", cold, None), ("steady", steady, theirs)):
+            rows.append(Row(f"RTF, {n} concurrent (mean), {label}",
+                            float(np.mean([r.total / r.audio for r in replies])),
+                            None if other is None else other.total / other.audio, False, note if other else "",
+                            key=f"rtf_c{n}_{label}"))
     return rows
 
 
-def cold_replies(s: Setup) -> tuple[Reply, Reply]:
-    """The first request each engine serves after start-up (nothing warmed)."""
-    with s.clock.engine("thinktalk"):
-        ours = ours_speak(s, 1)[0]
-    with s.clock.engine("reference"):
-        theirs, _ = reference_replies(s, 1)
-    return ours, theirs
+def speech_rows(s: Setup, cold: tuple[Reply, Reply]) -> list[Row]:
+    rows = [Row("first audio s, 5-s audio question, cold (first request)", cold[0].first_audio, cold[1].first_audio,
+                False, key="first_audio_cold_s")]
+    for n in SPEECH_LEVELS:
+        rows += level_rows(s, n)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -419,44 +488,63 @@ def header(args, setup: Setup, weights: str) -> list[str]:
             f"command: {shlex.join([sys.executable, *sys.argv])}",
             f"weights: {weights}",
             f"budgets: {dataclasses.asdict(b)}; best of {setup.runs} runs (speech rows: one run); greedy",
-            f"{'':52} | {'thinktalk':>11} | {'reference':>11} | {'ratio':>8}  (ratio: times better for thinktalk)"]
+            f"{'':58} | {'thinktalk':>11} | {'reference':>11} | {'ratio':>8}  (ratio: times better for thinktalk)"]
+
+
+def memory_row(s: Setup) -> Row:
+    gb = {k: v / 1e9 for k, v in s.clock.peak.items()} if s.clock.cuda else {}
+    return Row("peak GPU memory GB", gb.get("thinktalk"), gb.get("reference"), False,
+               "(each includes the shared weights)", key="peak_memory_gb")
+
+
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The options bench/gpu.py and bench/gpu_run.py share."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="full", help="full, tiny, or a config.json path")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    p.add_argument("--runs", type=int, default=None, help="best of how many runs (default 2; tiny: 1)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a directory with tokenizer.json (default: built from dashscope's Qwen ranks)")
+    p.add_argument("--step-mode", choices=[m.value for m in StepMode], default=None,
+                   help="how thinktalk's decode steps run (default: graph on CUDA, eager on the CPU)")
+    p.add_argument("--reference-max-concurrency", type=int, default=16,
+                   help="bound the reference's batched speech requests")
+    return p
+
+
+def resolve(args) -> tuple[dict, Budgets]:
+    """Fills the defaults that depend on other options -> (config dict, budgets)."""
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    config, budgets = load_config(args.config)
+    args.runs = args.runs or (1 if budgets == TINY else 2)
+    return config, budgets
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="full", help="full, tiny, or a config.json path")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--runs", type=int, default=None, help="best of how many runs (default 2; tiny: 1)")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="a directory with tokenizer.json (default: built from dashscope's Qwen ranks)")
-    parser.add_argument("--step-mode", choices=[m.value for m in StepMode], default=None,
-                        help="how thinktalk's decode steps run (default: graph on CUDA, eager on the CPU)")
-    parser.add_argument("--reference-max-concurrency", type=int, default=16,
-                        help="bound the reference's batched speech requests")
-    args = parser.parse_args()
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    p = parser()
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    args = p.parse_args()
     only = [part for part in args.only.split(",") if part]
     if unknown := sorted(set(only) - set(SECTIONS)):
-        parser.error(f"unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
-    config, budgets = load_config(args.config)
-    args.runs = args.runs or (1 if budgets == TINY else 2)
+        p.error(f"unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    config, budgets = resolve(args)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = args.tokenizer or build_qwen_tokenizer_files(Path(tmp))
         setup, weights = build(args, config, budgets, tokenizer_dir)
-        cold = cold_replies(setup) if "speech" in only else None  # first, so that nothing is warm yet
+        cold = None
+        if "speech" in only:  # first, so that nothing is warm yet
+            cold = cold_first_audio(setup), reference_replies(setup, 1)[0]
         print("\n".join(header(args, setup, weights)), flush=True)
-        sections = {"thinker": thinker_rows, "talker": talker_rows, "code2wav": code2wav_rows,
-                    "speech": lambda s: speech_rows(s, cold)}
+        sections = {"thinker": lambda s: [prefill_row(s)] + [decode_row(s, b) for b in DECODE_BATCHES],
+                    "talker": talker_rows, "code2wav": code2wav_rows, "speech": lambda s: speech_rows(s, cold)}
         for section in only:
             for row in sections[section](setup):
                 print(row.line(), flush=True)
-    gb = {k: v / 1e9 for k, v in setup.clock.peak.items()} if setup.clock.cuda else {}
-    print(Row("peak GPU memory GB", gb.get("thinktalk"), gb.get("reference"), False,
-              "(each includes the shared weights)").line())
+    print(memory_row(setup).line())
     if "speech" in only:
-        print("note: the reference has no streaming; its first audio packet is its whole reply.")
+        print("note: the reference has no streaming; its first audio packet is its whole reply. Cold rows: "
+              "thinktalk's first run of a new object (captures included); steady rows: the same object again.")
 
 
 if __name__ == "__main__":
