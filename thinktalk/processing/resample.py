@@ -1,63 +1,39 @@
-"""Band-limited resampling (Kaiser-windowed sinc, polyphase) in working memory bounded whatever the two rates.
+"""Band-limited resampling with soxr (libsoxr, what Qwen's own input helper gets through librosa's `soxr_hq`).
 
-For rates orig -> target with g = gcd, the filter has up = target / g phases of 2 * half taps each, half growing
-with orig / target when downsampling. Neither the phase table nor the strided windows are ever built whole: phases
-are made PHASES_PER_BLOCK at a time, and output rows run in blocks whose windows hold at most WINDOW_ELEMENTS
-values. So a coprime pair of rates (up = 16000) or a high input rate costs time, never memory; the input rate
-itself is bounded by the decoders' sanity range (processing/audio.py).
+soxr streams the input through its filter internally, so its working memory stays bounded (a few MiB) whatever
+the two rates, coprime ones and 384 kHz included; what grows with the input is only the output array itself. The
+rates are checked before any work: both within [1, MAX_RATE] Hz (the decoders already refuse a source rate outside
+their sanity range, processing/audio_decode.py).
 """
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import numpy as np
-import torch
+import soxr
 
-# Taps span this many zero crossings on each side of the sinc.
-SINC_ZERO_CROSSINGS = 16
-SINC_ROLLOFF = 0.945  # cutoff as a fraction of the lower Nyquist frequency, leaves room for the transition band
-KAISER_BETA = 8.6
-MAX_ROWS_PER_BLOCK = 1 << 16  # output rows (of `up` samples each) per block at most
-# Windows of one block at most (float32 values: 16 MiB); a block of rows shrinks as the filter grows.
-WINDOW_ELEMENTS = 1 << 22
-PHASES_PER_BLOCK = 256  # filter phases computed at once: (256, 2 * half) float64, under 2 MiB at 384 kHz -> 16 kHz
+from .audio_decode import MAX_SOURCE_RATE
+
+MAX_RATE = MAX_SOURCE_RATE  # Hz, for either side: the highest rate audio hardware records
+QUALITY = "HQ"  # librosa's default (res_type="soxr_hq")
 
 
 def resample(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
     """A 1-D float32 waveform at `orig_rate` -> the same sound at `target_rate`: round(len * target / orig) samples;
     output sample k sits at input time k * orig_rate / target_rate."""
-    common = math.gcd(orig_rate, target_rate)
-    up, down = target_rate // common, orig_rate // common
-    if up == down:
-        return np.array(waveform, dtype=np.float32)
-    out_len = round(Fraction(len(waveform) * up, down))
-    cutoff = SINC_ROLLOFF * min(1.0, up / down)  # as a fraction of the input's Nyquist frequency
-    half = math.ceil(SINC_ZERO_CROSSINGS / cutoff)
-    rows = -(-out_len // up)  # output sample k = row * up + phase index r
-    rows_per_block = max(1, min(MAX_ROWS_PER_BLOCK, WINDOW_ELEMENTS // (2 * half)))
-    signal = torch.from_numpy(np.pad(np.asarray(waveform, dtype=np.float32), (half, half + 2 * down + 1)))
-    out = np.empty(rows * up, dtype=np.float32)
-    for first_phase in range(0, up, PHASES_PER_BLOCK):
-        indices = np.arange(first_phase, min(first_phase + PHASES_PER_BLOCK, up))  # output phase indices r
-        table = phase_taps((indices * down) % up, up, half, cutoff)
-        for first in range(0, rows, rows_per_block):
-            count = min(rows_per_block, rows - first)
-            for r, taps in zip(indices.tolist(), table):
-                # outputs r, r + up, ... start at input r * down // up and advance by `down`
-                start = first * down + r * down // up + 1  # first tap of the first row (signal padded by `half`)
-                windows = signal[start:start + (count - 1) * down + 2 * half].unfold(0, 2 * half, down)
-                out[first * up + r:(first + count) * up:up] = (windows @ taps).numpy()
-    return out[:out_len]
-
-
-def phase_taps(phases: np.ndarray, up: int, half: int, cutoff: float) -> torch.Tensor:
-    """Filter taps for the given fractional phases (of `up`): (len(phases), 2 * half) float32, rows summing to 1."""
-    offsets = np.arange(-half + 1, half + 1, dtype=np.float64)[None, :]
-    distance = offsets - (phases.astype(np.float64) / up)[:, None]  # tap time minus output time
-    ratio = np.clip(distance / half, -1.0, 1.0)
-    window = np.i0(KAISER_BETA * np.sqrt(1.0 - ratio**2)) / np.i0(KAISER_BETA)
-    table = cutoff * np.sinc(cutoff * distance) * window
-    table /= table.sum(axis=1, keepdims=True)  # exact unit gain at DC for every phase
-    return torch.from_numpy(table.astype(np.float32))
+    for name, rate in (("orig_rate", orig_rate), ("target_rate", target_rate)):
+        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not 1 <= rate <= MAX_RATE:
+            raise ValueError(f"resample: {name} must be an integer in [1, {MAX_RATE}] Hz, got {rate!r}")
+    samples = np.ascontiguousarray(waveform, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"resample: expected a 1-D waveform, got shape {samples.shape}")
+    if orig_rate == target_rate:
+        return samples.copy()
+    out_len = round(Fraction(len(samples) * int(target_rate), int(orig_rate)))
+    if out_len == 0:
+        return np.zeros(0, dtype=np.float32)
+    out = soxr.resample(samples, int(orig_rate), int(target_rate), quality=QUALITY)
+    # soxr rounds a length ending in exactly .5 up, Python's round() to even: at most one sample apart
+    assert abs(len(out) - out_len) <= 1, (len(out), out_len)
+    return np.pad(out[:out_len], (0, out_len - min(len(out), out_len))).astype(np.float32, copy=False)
