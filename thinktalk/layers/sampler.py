@@ -5,7 +5,17 @@
 
 The repetition penalty follows the usual convention: a seen token's logit is divided by the penalty when positive
 and multiplied by it when negative. `seen` is a (batch, vocab) bool tensor updated in place after every step.
+
+Two per-request additions, for one-row samplers only (a stream's own; the batch-wide greedy pick never has them):
+    constraint  a TokenConstraint (a grammar matcher, engine/constraints.py): its (vocab,) mask of allowed ids sets
+                every other logit to -inf before the pick; `accept(token)` moves it past each chosen token
+    logprobs    k >= 0: the chosen token's log-probability and the k most likely ids', from the raw logits (the
+                model's own distribution: before the repetition penalty, the grammar mask, temperature, top-k and
+                top-p, as vLLM and OpenAI report them); read back with `take_logprobs()`
 """
+
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -33,10 +43,33 @@ def first_argmax(logits: torch.Tensor) -> torch.Tensor:
     return best_block * ARGMAX_BLOCK + blocks[rows, best_block].argmax(dim=-1)
 
 
+class TokenConstraint(Protocol):
+    """Which next tokens a request allows (a grammar over the reply, advanced token by token on the host)."""
+
+    def allowed(self) -> torch.Tensor:
+        """(vocab,) bool on the host: True where the next token may be that id."""
+
+    def accept(self, token: int) -> None:
+        """The reply's next token was `token` (one the last mask allowed)."""
+
+
+@dataclass(frozen=True)
+class SampledLogprobs:
+    """One pick's log-probabilities, still on the device: chosen (1,), top_ids and top_logprobs (1, k)."""
+
+    chosen: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+
 class Sampler:
     def __init__(self, params: SamplingConfig, batch: int, vocab: int, device: torch.device,
-                 seed: int | None = None, suppress_ids: torch.Tensor | None = None):
+                 seed: int | None = None, suppress_ids: torch.Tensor | None = None,
+                 constraint: TokenConstraint | None = None, logprobs: int | None = None):
+        assert batch == 1 or (constraint is None and logprobs is None), "per-request options need a one-row sampler"
         self.params = params
+        self.constraint, self.logprobs = constraint, logprobs
+        self._picked: SampledLogprobs | None = None  # the last pick's, until take_logprobs()
         self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
         self.generator = None
         if params.do_sample:
@@ -50,9 +83,29 @@ class Sampler:
         if self.params.repetition_penalty != 1.0:
             self.seen.scatter_(1, token_ids, True)
 
+    @property
+    def plain(self) -> bool:
+        """Nothing of this request's own: its pick may be the batch-wide one (no penalty, mask or logprobs)."""
+        return (not self.params.do_sample and self.params.repetition_penalty == 1.0 and self.suppress_ids is None
+                and self.constraint is None and self.logprobs is None)
+
+    def accept(self, token: int) -> None:
+        """The host has the chosen token (after the step's sync): the constraint moves past it."""
+        if self.constraint is not None:
+            self.constraint.accept(token)
+
+    def take_logprobs(self) -> SampledLogprobs | None:
+        picked, self._picked = self._picked, None
+        return picked
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (batch, vocab) -> token ids (batch,). Also marks the chosen tokens as seen."""
-        logits = logits.float()
+        logits = raw = logits.float()
+        if self.constraint is not None:
+            # The mask was computed on the host from the tokens accepted so far; this copy is the pick's one
+            # host-to-device transfer (a sync on a GPU: the mask must land before the masked pick reads it).
+            allowed = self.constraint.allowed().to(logits.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
         if self.suppress_ids is not None:
             logits = logits.index_fill(1, self.suppress_ids, float("-inf"))
         penalty = self.params.repetition_penalty
@@ -64,6 +117,8 @@ class Sampler:
         else:
             tokens = self._draw(logits)
         self.observe(tokens.unsqueeze(1))
+        if self.logprobs is not None:
+            self._picked = _logprobs(raw, tokens, self.logprobs)
         return tokens
 
     def _draw(self, logits: torch.Tensor) -> torch.Tensor:
@@ -81,3 +136,10 @@ class Sampler:
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, k: int) -> SampledLogprobs:
+    """raw (1, vocab) float32 logits, tokens (1,) -> the chosen token's and the top k log-probabilities."""
+    logprobs = raw.log_softmax(dim=-1)
+    top = logprobs.topk(k, dim=-1)
+    return SampledLogprobs(logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), top.indices, top.values)
