@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="prompt + reply tokens per request; longer ones get 400 (default: the checkpoint's "
                             "max_position_embeddings)")
+    serve.add_argument("--ssl-certfile", default=None, metavar="PEM",
+                       help="serve https:// and wss:// with this certificate (the Realtime SDKs connect over wss)")
+    serve.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
     serve.set_defaults(handler=cmd_serve)
     return parser
 
@@ -323,7 +326,8 @@ def cmd_serve(args) -> None:
                args.allowed_local_media_path, args.allow_remote_media, dtype=args.dtype, batch_rows=args.batch_rows,
                batch_max_len=max_len, compile=args.compile, quantize=args.quantize,
                prefix_cache_bytes=args.prefix_cache_mib * 2**20,
-               limits=ServerLimits(max_model_len=args.max_model_len))
+               limits=ServerLimits(max_model_len=args.max_model_len), ssl_certfile=args.ssl_certfile,
+               ssl_keyfile=args.ssl_keyfile)
 
 
 def _print_memory(cfg, path: Path, quantize: str | None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import InputError
 from ..omni import DEFAULT_MAX_LEN, MOST_PLANNED_ROWS, Omni, check_batching
 from .audio_out import supported_formats
 from .chat import build_messages, require_model, stream_settings
@@ -165,15 +167,44 @@ def _add_error_handlers(app: FastAPI) -> None:
         return APIError(500, "internal server error", code="internal_error").response()
 
 
+class TlsFileError(InputError):
+    """--ssl-certfile / --ssl-keyfile name a file that is missing, unreadable, or not a certificate and its key."""
+
+
+def check_tls_files(certfile: str | None, keyfile: str | None) -> None:
+    """Before the model loads: the certificate (PEM, with its key unless `keyfile` is given) and the key must be
+    readable and belong together, so a bad path is one clear error, not a failure after startup."""
+    if certfile is None:
+        if keyfile is not None:
+            raise TlsFileError("--ssl-keyfile needs --ssl-certfile (the certificate it belongs to)")
+        return
+    for option, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError as exc:
+            raise TlsFileError(f"{option} {path}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsFileError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: not a PEM certificate and its "
+                           f"private key ({exc})") from exc
+
+
 def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
                served_model_name: str | None = None, api_key: str | None = None,
                allowed_local_media_path: str | None = None, allow_remote_media: bool = False,
                dtype: str | None = None, limits: ServerLimits = ServerLimits(), batch_rows: int | None = None,
                batch_max_len: int | None = None, compile: bool = False, quantize: str | None = None,
-               prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
+               prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, ssl_certfile: str | None = None,
+               ssl_keyfile: str | None = None) -> None:
     """Loads the model (default: the built-in demo checkpoint; `quantize`: int8/int4/fp8 on load) and serves it
-    until SIGINT / SIGTERM."""
+    until SIGINT / SIGTERM; with `ssl_certfile` (and `ssl_keyfile`) over https / wss."""
     import uvicorn
+
+    check_tls_files(ssl_certfile, ssl_keyfile)
 
     if batch_rows:  # bad values fail before the (possibly long) load
         check_batching(batch_rows, batch_max_len or DEFAULT_MAX_LEN)
@@ -186,5 +217,6 @@ def run_server(model: str | Path | None = None, host: str = "127.0.0.1", port: i
     app = create_app(omni, served_model_name, api_key, allowed_local_media_path, allow_remote_media, limits,
                      batch_rows, batch_max_len, compile, prefix_cache_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS, ssl_certfile=ssl_certfile,
+                            ssl_keyfile=ssl_keyfile)
     EngineServer(config, engine_stopper(app)).run()
