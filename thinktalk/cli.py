@@ -1,7 +1,8 @@
-"""The `thinktalk` command line: demo, run, info.
+"""The `thinktalk` command line: demo, run, chat, info, serve (and --version).
 
 User mistakes (a bad path, a broken checkpoint, a bad option) print one line `error: ...` and exit 2, without a
-traceback. Ctrl-C exits 130.
+traceback. Ctrl-C exits 130 (in `chat` it stops the reply, not the chat: cli_chat.py). One reply's streaming and the
+options it takes are in cli_reply.py.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
+from importlib import metadata
 from pathlib import Path
 
+from .cli_reply import add_generation_options, add_speech_options, check_options, messages_from, stream_reply
 from .config import ConfigError
+from .errors import RequestError
 from .processing.prompt import PromptError
 from .weights import CheckpointError
 
@@ -44,65 +47,81 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-audio-in-video", action="store_true", help="also listen to the videos' sound")
 
 
-def _add_speech_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--voice", default=None, help="speaker name, e.g. ethan, chelsie, aiden (case-insensitive)")
-    parser.add_argument("--talker-greedy", action="store_true", help="pick the most likely codec code each frame")
-    parser.add_argument("--talker-temperature", type=float, default=None)
-    parser.add_argument("--talker-top-k", type=int, default=None)
-    parser.add_argument("--talker-top-p", type=float, default=None)
-    parser.add_argument("--max-speech-seconds", type=float, default=None,
-                        help="stop speaking after this long (default: the checkpoint's talker budget)")
+PORT_RANGE = range(0, 2**16)  # TCP ports; 0 lets the system pick a free one
 
 
-def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="most reply tokens (default: checkpoint's)")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=None)
-    parser.add_argument("--greedy", action="store_true", help="pick the most likely token at every step")
-    parser.add_argument("--seed", type=int, default=None)
+def _port(text: str) -> int:
+    """argparse type for --port: an integer in PORT_RANGE (argparse reports anything else as a usage error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if port not in PORT_RANGE:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-{PORT_RANGE[-1]})")
+    return port
+
+
+def _version() -> str:
+    try:
+        return f"thinktalk {metadata.version('thinktalk')}"
+    except metadata.PackageNotFoundError:
+        return "thinktalk (not installed: run `pip install -e .` for its version)"
+
+
+SERVE_DESCRIPTION = """One process serves, on http://HOST:PORT (default 127.0.0.1:8000):
+  POST /v1/chat/completions, POST /v1/audio/transcriptions, GET /v1/models, GET /health   (OpenAI's HTTP API)
+  WS   /v1/realtime      OpenAI's Realtime socket: PCM16 24 kHz speech both ways, server VAD, barge-in
+  GET  /                 a voice and video chat page in the browser
+Default model: the built-in random demo checkpoint. Stop with Ctrl-C (requests in flight end cleanly)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEMO_MAX_TOKENS, DEMO_SPEECH_SECONDS
+
     parser = argparse.ArgumentParser(prog="thinktalk", description="Run Qwen3-Omni (Thinker-Talker) models.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the whole pipeline (audio + image in, text + speech out) on the "
                                             "built-in random demo checkpoint")
     demo.add_argument("--text", default=None, help="the user's message")
-    demo.add_argument("--out", default="demo-reply.wav", help="where the spoken reply goes (default: %(default)s)")
-    _add_speech_options(demo)
-    _add_generation_options(demo)
+    demo.add_argument("--out", default=None, metavar="WAV",
+                      help="write the spoken reply to this WAV file (default: none; the speech is made and timed)")
+    add_speech_options(demo, max_seconds=DEMO_SPEECH_SECONDS)
+    add_generation_options(demo, max_tokens=DEMO_MAX_TOKENS)
     demo.set_defaults(handler=cmd_demo)
 
     run = commands.add_parser("run", help="answer one message, streaming the text (and speech to --out)")
     _add_model_options(run, required=False)
     _add_input_options(run)
-    run.add_argument("--out", default=None, metavar="WAV", help="speak the reply into this WAV file")
-    _add_speech_options(run)
-    _add_generation_options(run)
+    run.add_argument("--out", default=None, metavar="WAV",
+                     help="speak the reply into this WAV file, written as the speech is made")
+    add_speech_options(run)
+    add_generation_options(run)
     run.set_defaults(handler=cmd_run)
 
     chat = commands.add_parser("chat", help="talk in the terminal, turn after turn; /image, /audio, /video PATH "
-                                            "attach a file to your next message, /quit ends")
+                                            "attach a file to your next message, /help lists the commands, "
+                                            "/quit ends; Ctrl-C stops a reply")
     _add_model_options(chat, required=False)
     chat.add_argument("--system", default=None, help="a system prompt")
-    chat.add_argument("--out-dir", default=None, help="speak each reply into DIR/turn-N.wav")
-    _add_speech_options(chat)
-    _add_generation_options(chat)
+    chat.add_argument("--out-dir", default=None, metavar="DIR",
+                      help="speak each reply into DIR/turn-N.wav (DIR is created when missing)")
+    add_speech_options(chat)
+    add_generation_options(chat)
     chat.set_defaults(handler=cmd_chat)
 
     info = commands.add_parser("info", help="describe a checkpoint: variant, sizes, voices, memory needed")
     _add_model_options(info, required=False)
     info.set_defaults(handler=cmd_info)
 
-    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (chat completions, transcriptions)")
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server: HTTP API, Realtime socket "
+                                              "(/v1/realtime) and a chat page (/)", description=SERVE_DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_options(serve, required=False)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: "
+                                                          "every interface)")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port (default: %(default)s)")
     serve.add_argument("--served-model-name", default=None, help="default: the checkpoint folder's name")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
@@ -130,164 +149,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _messages(args) -> list[dict]:
-    media = [("audio", p) for p in getattr(args, "audio", [])] + [("image", p) for p in getattr(args, "image", [])]
-    media += [("video", p) for p in getattr(args, "video", [])]
-    if (args.text is None or not args.text.strip()) and not media:
-        raise ValueError("give a message: --text, or a media file (--audio / --image / --video)")
-    for kind, path in media:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--{kind} {path}: no such file")
-    parts = [{"type": kind, kind: path} for kind, path in media]
-    parts += [{"type": "text", "text": args.text}] if args.text else []
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    return messages + [{"role": "user", "content": parts}]
+def _check_model_path(args) -> None:
+    """--model names a checkpoint folder (or a cached repo id): a file there is a mistake worth naming."""
+    if args.model is not None and Path(args.model).expanduser().is_file():
+        raise RequestError(f"--model {args.model}: is a file, not a checkpoint directory (a folder with config.json)")
 
 
-FRAMES_PER_SECOND = 12.5  # Qwen3-Omni's codec frame rate
-
-
-def _talker(args) -> dict:
-    options = dict(temperature=args.talker_temperature, top_k=args.talker_top_k, top_p=args.talker_top_p)
-    if args.max_speech_seconds is not None:
-        if args.max_speech_seconds <= 0:
-            raise ValueError(f"--max-speech-seconds must be positive, got {args.max_speech_seconds}")
-        options["max_new_tokens"] = int(args.max_speech_seconds * FRAMES_PER_SECOND) + 1
-    if args.talker_greedy:
-        options["do_sample"] = False
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def _sampling(args) -> dict:
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    options = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, repetition_penalty=args.repetition_penalty)
-    if args.greedy:
-        options["do_sample"] = False
-    elif args.temperature is not None or args.top_k is not None or args.top_p is not None:
-        options["do_sample"] = True
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def _reply(omni, messages: list, args, wav_path: str | None, out=sys.stdout):
-    """Streams the reply's text to `out` and, with `wav_path`, its speech into that WAV file; returns the result."""
-    from .events import Done
-    from .events import AudioChunk, TextDelta
-    from .processing.wav import WavWriter
-
-    speak = wav_path is not None
-    events = omni.stream(messages, return_audio=speak, voice=getattr(args, "voice", None), talker=_talker(args),
-                         use_audio_in_video=getattr(args, "use_audio_in_video", False), seed=args.seed,
-                         **_sampling(args))
-    start, first_audio, result = time.perf_counter(), None, None
-    writer = WavWriter(wav_path, omni.cfg.code2wav.sample_rate) if speak else None
-    try:
-        for event in events:
-            if isinstance(event, TextDelta):
-                out.write(event.text)
-                out.flush()
-            elif isinstance(event, AudioChunk):
-                first_audio = first_audio or time.perf_counter() - start
-                writer.write(event.audio)
-            elif isinstance(event, Done):
-                result = event.result
-    except BaseException:
-        events.close()
-        if writer is not None:
-            writer.abort()
-        raise
-    out.write("\n")
-    elapsed = time.perf_counter() - start
-    note = f"[{result.usage.completion_tokens} tokens in {elapsed:.2f} s, finish: {result.finish_reason}"
-    if writer is not None:
-        path = writer.commit()
-        seconds = result.audio.size / result.sample_rate
-        note += f"; {seconds:.2f} s of speech -> {path}, first audio after {first_audio or elapsed:.2f} s"
-    print(note + "]", file=sys.stderr)
-    return result
+def _check_voice(args, output: str | None, flag: str) -> None:
+    """A voice without a file to speak into would be ignored: refuse it, so the user learns speech needs the file."""
+    if args.voice is not None and output is None:
+        raise RequestError(f"--voice {args.voice}: speech is written only with {flag}; without it the reply is "
+                           "text only")
 
 
 def _resolve_model(args):
     from .demo import DEMO_NOTICE, ensure_demo_checkpoint
 
     if args.model is not None:
+        _check_model_path(args)
         return args.model
     print(DEMO_NOTICE, file=sys.stderr)
     return ensure_demo_checkpoint()
 
 
 def cmd_demo(args) -> None:
-    from .demo import DEMO_NOTICE, DEMO_SPEECH_SECONDS, demo_messages, ensure_demo_checkpoint
+    """The built-in checkpoint on a tone and an image: text streamed, speech made (and written with --out)."""
+    from .demo import DEMO_NOTICE, demo_messages, ensure_demo_checkpoint
     from .omni import Omni
     from .processing.wav import check_writable
 
-    check_writable(args.out)
+    check_options(args)
+    if args.out is not None:
+        check_writable(args.out)
     if args.threads is None:
         args.threads = 1  # the demo model is tiny: one thread beats several (no OpenMP hand-offs)
-    if args.max_speech_seconds is None:
-        args.max_speech_seconds = DEMO_SPEECH_SECONDS
     if args.seed is None:
         args.seed = 0  # the same demo every time
     print(DEMO_NOTICE, file=sys.stderr)
     omni = Omni.from_pretrained(ensure_demo_checkpoint(), device="cpu", dtype="float32")
-    if args.max_tokens is None:
-        args.max_tokens = 48
     messages = demo_messages(args.text)
     print("user: [a 2-second tone] [a 64x64 noise image] " + messages[-1]["content"][-1]["text"])
     print("assistant: ", end="", flush=True)
-    _reply(omni, messages, args, args.out)
+    stream_reply(omni, messages, args, args.out, speak=True)
 
 
 def cmd_run(args) -> None:
     from .omni import Omni
     from .processing.wav import check_writable
 
-    messages = _messages(args)  # validate before loading anything
+    messages = messages_from(args)  # validate before loading anything
+    check_options(args)
+    _check_voice(args, args.out, "--out FILE")
     if args.out is not None:
         check_writable(args.out)
     omni = Omni.from_pretrained(_resolve_model(args), device=args.device, dtype=args.dtype,
                                 audio_output=args.out is not None, quantize=args.quantize)
-    _reply(omni, messages, args, args.out)
-
-
-CHAT_ATTACH = ("/image", "/audio", "/video")
+    stream_reply(omni, messages, args, args.out)
 
 
 def cmd_chat(args, read=input) -> None:
     """A multi-turn conversation; each reply's text is printed, its speech written to --out-dir/turn-N.wav."""
+    from .cli_chat import Chat, chat_loop, prepare_out_dir
     from .omni import Omni
 
-    if args.out_dir is not None and not Path(args.out_dir).is_dir():
-        raise ValueError(f"--out-dir {args.out_dir}: no such folder")
+    check_options(args)
+    _check_voice(args, args.out_dir, "--out-dir DIR")
+    out_dir = prepare_out_dir(args.out_dir)
     omni = Omni.from_pretrained(_resolve_model(args), device=args.device, dtype=args.dtype,
-                                audio_output=args.out_dir is not None, quantize=args.quantize)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    attachments, turn = [], 0
-    while True:
-        try:
-            line = read("you: ").strip()
-        except EOFError:
-            return
-        if line in ("/quit", "/exit"):
-            return
-        command, _, path = line.partition(" ")
-        if command in CHAT_ATTACH:
-            if not Path(path).is_file():
-                print(f"error: {path!r}: no such file", file=sys.stderr)
-                continue
-            attachments.append({"type": command[1:], command[1:]: path})
-            print(f"[{command[1:]} attached: {path}]", file=sys.stderr)
-            continue
-        if not line:
-            continue
-        turn += 1
-        history.append({"role": "user", "content": attachments + [{"type": "text", "text": line}]})
-        attachments = []
-        wav = str(Path(args.out_dir) / f"turn-{turn}.wav") if args.out_dir is not None else None
-        print("assistant: ", end="", flush=True)
-        result = _reply(omni, history, args, wav)
-        history.append({"role": "assistant", "content": result.text})
+                                audio_output=out_dir is not None, quantize=args.quantize)
+    print("[/help lists the commands; Ctrl-C stops a reply; /quit or Ctrl-D leaves]", file=sys.stderr)
+    chat_loop(Chat(omni, args, out_dir), read)
 
 
 def cmd_info(args) -> None:
@@ -322,6 +253,7 @@ def cmd_serve(args) -> None:
         raise ValueError(f"--batch-max-len must be at least 2, got {max_len}")
     if args.prefix_cache_mib < 0:
         raise ValueError(f"--prefix-cache-mib must be >= 0, got {args.prefix_cache_mib}")
+    _check_model_path(args)
     run_server(args.model, args.host, args.port, args.device, args.served_model_name, args.api_key,
                args.allowed_local_media_path, args.allow_remote_media, dtype=args.dtype, batch_rows=args.batch_rows,
                batch_max_len=max_len, compile=args.compile, quantize=args.quantize,

@@ -40,7 +40,10 @@ DEMO_NOTICE = ("thinktalk demo checkpoint: the Qwen3-Omni structure with RANDOM 
 
 
 DEMO_QUESTION = "What do you hear and see?"
-DEMO_SPEECH_SECONDS = 6.0  # random weights rarely say codec EOS: cap the speech
+# The demo's reply: short and bounded, so that the first command a new user types ends in seconds. Random weights
+# never say codec EOS, so the speech is capped too (the runaway guard alone would allow 1 s per token + 5 s).
+DEMO_MAX_TOKENS = 32
+DEMO_SPEECH_SECONDS = 4.0
 DEMO_TONE_SECONDS, DEMO_TONE_HZ, DEMO_IMAGE_SIZE = 2.0, 440.0, 64
 
 

@@ -31,7 +31,9 @@ from .events import AudioChunk, Done, Event, Failed, GenerationResult, Started, 
 from .limits import check_request
 from .models.omni import OmniModel
 from .processing.audio import AudioFeatureConfig
-from .processing.multimodal import MediaOptions, PreparedPrompt, build_prompt
+from .processing.chat_template import CheckpointTemplate, TemplateOptions
+from .processing.multimodal import MediaOptions, PreparedPrompt
+from .processing.templated_prompt import prepare_prompt
 from .processing.tokenizer import Tokenizer
 from .processing.vision import VisionProcessorConfig
 from .quant import Quantization, QuantizeOnLoad, quantization_for
@@ -86,8 +88,9 @@ def _pick_device_and_dtype(device, dtype, quantized: bool = False) -> tuple[torc
 
 class Omni:
     def __init__(self, cfg: OmniConfig, model: OmniModel, tokenizer: Tokenizer, path: Path, media: MediaOptions,
-                 quantization: Quantization | None = None):
+                 quantization: Quantization | None = None, chat_template: CheckpointTemplate | None = None):
         self.cfg, self.model, self.tokenizer, self.path, self.media = cfg, model, tokenizer, path, media
+        self.chat_template = chat_template  # the checkpoint's own; None: the built-in ChatML layout
         self.quantization = quantization  # how the weights are quantized (None: floats)
         embeddings = model.thinker.model.embed_tokens.weight  # never quantized: the model's device and dtype
         self.device, self.dtype = embeddings.device, embeddings.dtype
@@ -113,6 +116,7 @@ class Omni:
         if audio_output is None:
             audio_output = cfg.has_audio_output
         tokenizer = Tokenizer.from_dir(directory)
+        chat_template = CheckpointTemplate.from_dir(directory, tokenizer.added_texts)
         with torch.device("meta"):
             model = OmniModel(cfg, audio_output=audio_output)
         if quantization is not None:
@@ -124,7 +128,7 @@ class Omni:
                      grouped=grouped)
         media = MediaOptions(AudioFeatureConfig.from_dir(directory), VisionProcessorConfig.from_dir(directory),
                              allow_remote=allow_remote_media)
-        return cls(cfg, model, tokenizer, directory, media, quantization)
+        return cls(cfg, model, tokenizer, directory, media, quantization, chat_template)
 
     # ------------------------------------------------------------------------------------------------------------
     # The scheduler
@@ -205,7 +209,7 @@ class Omni:
         if self._scheduler is None:
             raise RuntimeError("submit needs the persistent scheduler: call enable_batching first")
         if prompt is None:
-            prompt = self.prepare(request.messages, request.use_audio_in_video, request.tools)
+            prompt = self.prepare(request.messages, request.use_audio_in_video, request.tools, request.template)
         self._check(request, prompt)
         return self._scheduler.submit(self._spec(request, prompt, sink))
 
@@ -220,12 +224,16 @@ class Omni:
     # ------------------------------------------------------------------------------------------------------------
     # Prompts
 
-    def prepare(self, messages: list, use_audio_in_video: bool = False, tools: list | None = None) -> PreparedPrompt:
-        """Messages (text, image, audio, video parts) -> token ids with placeholders expanded, and the media."""
-        return build_prompt(messages, self.tokenizer, self.cfg.thinker, self.media, use_audio_in_video, tools=tools)
+    def prepare(self, messages: list, use_audio_in_video: bool = False, tools: list | None = None,
+                template: TemplateOptions = TemplateOptions()) -> PreparedPrompt:
+        """Messages (text, image, audio, video parts) -> token ids with placeholders expanded, and the media;
+        rendered by the checkpoint's chat template when it ships one (`template`: its options)."""
+        return prepare_prompt(messages, self.tokenizer, self.cfg.thinker, self.media, self.chat_template,
+                              use_audio_in_video, tools, template)
 
-    def encode_prompt(self, messages: list, use_audio_in_video: bool = False, tools: list | None = None) -> list[int]:
-        return self.prepare(messages, use_audio_in_video, tools).token_ids
+    def encode_prompt(self, messages: list, use_audio_in_video: bool = False, tools: list | None = None,
+                      template: TemplateOptions = TemplateOptions()) -> list[int]:
+        return self.prepare(messages, use_audio_in_video, tools, template).token_ids
 
     @property
     def default_voice(self) -> str:
@@ -251,12 +259,13 @@ class Omni:
         Keywords: the thinker's sampling (max_new_tokens, do_sample, temperature, top_k, top_p,
         repetition_penalty, seed, stop_token_ids), the talker's (talker_do_sample, ..., talker_max_new_tokens, or a
         `talker` dict), return_audio (default: whenever the talker is loaded), voice, audio_chunk_frames, tools,
-        use_audio_in_video. With `tools`, `<tool_call>` blocks in the reply are parsed into `.tool_calls`."""
+        use_audio_in_video, and the chat template's enable_thinking and chat_template_kwargs. With `tools`,
+        `<tool_call>` blocks in the reply are parsed into `.tool_calls`."""
         batched = isinstance(messages, list) and bool(messages) and (
             isinstance(messages[0], GenerationRequest) or isinstance(messages[0], list))
         items = messages if batched else [messages]
         requests = [m if isinstance(m, GenerationRequest) else self.request(m, **keywords) for m in items]
-        prompts = [self.prepare(r.messages, r.use_audio_in_video, r.tools) for r in requests]
+        prompts = [self.prepare(r.messages, r.use_audio_in_video, r.tools, r.template) for r in requests]
         for request, prompt in zip(requests, prompts):
             self._check(request, prompt)
         scheduler = self._scheduler or self._scheduler_for(requests, prompts)
@@ -279,7 +288,7 @@ class Omni:
         A failure raises (errors.InputError for the request's own). Closing the iterator early stops the work and
         frees its caches. Keywords as for `generate`."""
         request = messages if isinstance(messages, GenerationRequest) else self.request(messages, **keywords)
-        prompt = self.prepare(request.messages, request.use_audio_in_video, request.tools)
+        prompt = self.prepare(request.messages, request.use_audio_in_video, request.tools, request.template)
         self._check(request, prompt)
         scheduler = self._scheduler or self._scheduler_for([request], [prompt])
         events: deque[Event] = deque()

@@ -15,6 +15,7 @@ from .config import OmniConfig
 from .engine.stream import Stream, StreamSpec
 from .errors import RequestError
 from .events import Done, Event, GenerationResult, Usage
+from .processing.chat_template import TemplateOptions
 from .processing.multimodal import PreparedPrompt
 from .processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from .processing.tools import parse_tool_calls
@@ -27,10 +28,12 @@ TALKER_KEYWORDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_pen
 
 def request_from_keywords(messages, *, seed=None, stop_token_ids=None, use_audio_in_video=False, tools=None,
                           return_audio=None, voice=None, audio_chunk_frames=1, talker: dict | None = None,
+                          enable_thinking: bool | None = None, chat_template_kwargs: dict | None = None,
                           speaks_by_default: bool = False, **keywords) -> GenerationRequest:
     """The keyword form of Omni.generate / stream: thinker sampling by name, the talker's as talker_<name> or in the
     `talker` dict ({"do_sample": False, "max_new_tokens": 100}); talker max_new_tokens counts talker tokens
-    (frames + 1), as the reference's talker_max_new_tokens does."""
+    (frames + 1), as the reference's talker_max_new_tokens does. `enable_thinking` and `chat_template_kwargs`
+    (other template variables): the chat template's options (TemplateOptions)."""
     talker = dict(talker or {})
     for name in TALKER_KEYWORDS:
         value = keywords.pop(f"talker_{name}", None)
@@ -50,7 +53,8 @@ def request_from_keywords(messages, *, seed=None, stop_token_ids=None, use_audio
         seconds = None if budget is None else _frames_to_seconds(budget)
         speech = SpeechParams(voice=voice, max_seconds=seconds, chunk_frames=audio_chunk_frames,
                               **{k: v for k, v in talker.items() if v is not None})
-    return GenerationRequest(messages, sampling, speech, tools, use_audio_in_video)
+    template = TemplateOptions(enable_thinking, {} if chat_template_kwargs is None else chat_template_kwargs)
+    return GenerationRequest(messages, sampling, speech, tools, use_audio_in_video, template=template)
 
 
 def _frames_to_seconds(talker_tokens) -> float:

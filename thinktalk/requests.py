@@ -7,6 +7,7 @@ Realtime socket, the CLI) means the same thing by the same option.
                         max_new_tokens (text tokens), stop_token_ids; None = the checkpoint's generation_config
         SpeechParams    the talker: voice, its own sampling, max_seconds (None = the runaway-speech guard's bound),
                         chunk_frames; speech=None is a text-only reply
+        TemplateOptions the chat template's options: enable_thinking, other template variables (chat_template_kwargs)
 
 The talker's budget is counted in seconds of speech here, and in codec frames (12.5 a second) inside the engine;
 its internal token budget is frames + 1 (the token after the last frame is codec EOS or never used).
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from .config import OmniConfig, SamplingConfig
 from .errors import RequestError
+from .processing.chat_template import TemplateOptions
 
 FRAMES_PER_SECOND = 12.5  # Qwen3-Omni's codec frame rate (24 kHz / 1920 samples)
 # The runaway-speech guard: a talker that never emits codec EOS (a known failure of these models, and what every
@@ -60,6 +62,7 @@ class GenerationRequest:
     speech: SpeechParams | None = None
     tools: list | None = None
     use_audio_in_video: bool = False
+    template: TemplateOptions = field(default_factory=TemplateOptions)  # the chat template's options
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,8 @@ def stream_settings(request: ChatCompletionRequest, voices: list[str], has_talke
     tools = _offered_tools(request)
     if tools:
         kwargs["tools"] = tools
+    if request.chat_template_kwargs is not None:
+        kwargs["chat_template_kwargs"] = request.chat_template_kwargs
     want_audio = "audio" in (request.modalities or ["text"])
     options = request.audio or AudioOptions()
     kwargs["return_audio"] = want_audio

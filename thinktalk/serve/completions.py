@@ -38,7 +38,8 @@ async def submit(worker: EngineWorker, omni: Omni, messages: list, settings: Str
     engine's thread, then handed to the engine. Input errors surface here, before any reply."""
     try:
         request = omni.request(messages, **settings.stream_kwargs)
-        prompt = await run_in_threadpool(omni.prepare, request.messages, request.use_audio_in_video, request.tools)
+        prompt = await run_in_threadpool(omni.prepare, request.messages, request.use_audio_in_video, request.tools,
+                                         request.template)
     except InputError as error:
         raise failure(error) from None
     try:

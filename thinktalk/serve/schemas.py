@@ -1,7 +1,8 @@
 """Typed request and response models of the OpenAI-compatible API, and the server's configurable limits.
 
 Requests follow OpenAI's Chat Completions schema, plus thinktalk's extensions: content parts `audio_url` and
-`video_url`, the request-level `use_audio_in_video`, and `audio.max_seconds` (a cap on the spoken reply's length).
+`video_url`, the request-level `use_audio_in_video`, and `audio.max_seconds` (a cap on the spoken reply's length);
+and vLLM's `chat_template_kwargs` (variables for the checkpoint's chat template, e.g. {"enable_thinking": false}).
 Validation is strict: JSON types are taken as they are (no bool for an integer, no string for a bool or a number;
 an integer is a number).
 """
@@ -163,6 +164,7 @@ class ChatCompletionRequest(_Model):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     use_audio_in_video: bool = False  # thinktalk extension
+    chat_template_kwargs: dict[str, Any] | None = None  # the chat template's variables (vLLM's extension)
 
 
 # ---------------------------------------------------------------------------------------------------------------
