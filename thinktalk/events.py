@@ -3,7 +3,8 @@
 
     Started(prompt_tokens, cached_tokens)   the prompt is in: its size, and how much of it a cached conversation
                                             prefix spared (no prefill, no media encoding)
-    TextDelta(text, token_ids)              new text (never a broken UTF-8 character)
+    TextDelta(text, token_ids, logprobs)    new text (never a broken UTF-8 character); with logprobs asked for,
+                                            the TokenLogprob of every reply token since the last delta
     AudioChunk(audio, offset, sample_rate)  new speech: float32 mono samples starting at sample `offset`
     Done(result)                            the whole reply (GenerationResult)
     Failed(error)                           the stream ended without a reply: `error` is an errors.InputError for
@@ -18,6 +19,16 @@ import numpy as np
 import torch
 
 from .processing.tools import ToolCall
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A reply token's log-probability under the thinker's raw distribution (before the repetition penalty, a
+    grammar's mask, temperature, top-k and top-p), and the `top` most likely ids at that position with theirs."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class GenerationResult:
     sample_rate: int | None = None
     codes: torch.Tensor | None = None  # (groups, frames) the codec codes the talker produced
     speech_finish_reason: str | None = None  # "stop" (codec EOS), "length" (its budget or the runaway guard)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per reply token but a stop token, when asked for
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,7 @@ class Started:
 class TextDelta:
     text: str
     token_ids: list[int]
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .config import OmniConfig
+from .engine.constraints import build_constraint
 from .engine.stream import Stream, StreamSpec
 from .errors import RequestError
 from .events import Done, Event, GenerationResult, Usage
@@ -19,21 +20,24 @@ from .processing.chat_template import TemplateOptions
 from .processing.multimodal import PreparedPrompt
 from .processing.tokenizer import IncrementalDetokenizer, Tokenizer
 from .processing.tools import parse_tool_calls
-from .requests import (FRAMES_PER_SECOND, GenerationRequest, SamplingParams, SpeechParams, resolve_sampling,
-                       resolve_speech)
+from .requests import (FRAMES_PER_SECOND, GenerationRequest, ResponseFormat, SamplingParams, SpeechParams,
+                       ToolChoice, resolve_sampling, resolve_speech)
 
-SAMPLING_KEYWORDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+SAMPLING_KEYWORDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                     "logprobs")
 TALKER_KEYWORDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
 def request_from_keywords(messages, *, seed=None, stop_token_ids=None, use_audio_in_video=False, tools=None,
                           return_audio=None, voice=None, audio_chunk_frames=1, talker: dict | None = None,
-                          enable_thinking: bool | None = None, chat_template_kwargs: dict | None = None,
-                          speaks_by_default: bool = False, **keywords) -> GenerationRequest:
+                          response_format=None, tool_choice=None, enable_thinking: bool | None = None,
+                          chat_template_kwargs: dict | None = None, speaks_by_default: bool = False,
+                          **keywords) -> GenerationRequest:
     """The keyword form of Omni.generate / stream: thinker sampling by name, the talker's as talker_<name> or in the
     `talker` dict ({"do_sample": False, "max_new_tokens": 100}); talker max_new_tokens counts talker tokens
-    (frames + 1), as the reference's talker_max_new_tokens does. `enable_thinking` and `chat_template_kwargs`
-    (other template variables): the chat template's options (TemplateOptions)."""
+    (frames + 1), as the reference's talker_max_new_tokens does. `response_format`: a ResponseFormat or OpenAI's
+    dict; `tool_choice`: a ToolChoice, "auto", "required", or a function's name. `enable_thinking` and
+    `chat_template_kwargs` (other template variables): the chat template's options (TemplateOptions)."""
     talker = dict(talker or {})
     for name in TALKER_KEYWORDS:
         value = keywords.pop(f"talker_{name}", None)
@@ -54,7 +58,33 @@ def request_from_keywords(messages, *, seed=None, stop_token_ids=None, use_audio
         speech = SpeechParams(voice=voice, max_seconds=seconds, chunk_frames=audio_chunk_frames,
                               **{k: v for k, v in talker.items() if v is not None})
     template = TemplateOptions(enable_thinking, {} if chat_template_kwargs is None else chat_template_kwargs)
-    return GenerationRequest(messages, sampling, speech, tools, use_audio_in_video, template=template)
+    return GenerationRequest(messages, sampling, speech, tools, use_audio_in_video,
+                             _response_format(response_format), _tool_choice(tool_choice), template=template)
+
+
+def _response_format(value) -> ResponseFormat | None:
+    """A ResponseFormat, or OpenAI's {"type": "json_schema", "json_schema": {"schema": ..., "strict": ...}} form."""
+    if value is None or isinstance(value, ResponseFormat):
+        return value
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise RequestError(f"response_format must be a ResponseFormat or a dict with a type, got {value!r:.80}",
+                           param="response_format")
+    spec = value.get("json_schema") or {}
+    if not isinstance(spec, dict):
+        raise RequestError(f"response_format json_schema must be an object, got {spec!r:.80}",
+                           param="response_format.json_schema")
+    return ResponseFormat(value["type"], spec.get("schema"), spec.get("strict") is True)
+
+
+def _tool_choice(value) -> ToolChoice | None:
+    if value is None or isinstance(value, ToolChoice):
+        return value
+    if value in ("auto", "required"):
+        return ToolChoice(value)
+    if isinstance(value, str) and value:
+        return ToolChoice(function=value)
+    raise RequestError(f"tool_choice must be a ToolChoice, 'auto', 'required' or a function's name, got "
+                       f"{value!r:.80}", param="tool_choice")
 
 
 def _frames_to_seconds(talker_tokens) -> float:
@@ -74,6 +104,9 @@ def stream_spec(cfg: OmniConfig, tokenizer: Tokenizer, request: GenerationReques
                       else "it was loaded with audio_output=False")
             raise RequestError(f"audio output was requested but {reason}")
         speech = resolve_speech(cfg, request.speech, default_voice, request.sampling.seed)
+    vocab = cfg.thinker.text.vocab_size
+    constraint = build_constraint(tokenizer, vocab, stops, request.response_format, request.tools,
+                                  request.tool_choice)
     detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
 
     def detokenize(token: int, final: bool) -> str:
@@ -84,7 +117,8 @@ def stream_spec(cfg: OmniConfig, tokenizer: Tokenizer, request: GenerationReques
     def finish(stream: Stream) -> Event:
         return Done(reply_result(tokenizer, stream, stops, bool(request.tools), cfg))
 
-    return StreamSpec(prompt, sampling, request.sampling.seed, stops, speech, detokenize, finish, sink)
+    return StreamSpec(prompt, sampling, request.sampling.seed, stops, speech, detokenize, finish, sink, constraint,
+                      request.sampling.logprobs)
 
 
 def reply_result(tokenizer: Tokenizer, stream: Stream, stops: frozenset[int], tools: bool,
@@ -94,7 +128,8 @@ def reply_result(tokenizer: Tokenizer, stream: Stream, stops: frozenset[int], to
     text_ids = [t for t in (reply[:-1] if stopped else reply) if t < tokenizer.vocab_size]
     result = GenerationResult(text=tokenizer.decode(text_ids, skip_special_tokens=True), token_ids=list(reply),
                               finish_reason="stop" if stopped else "length",
-                              usage=Usage(stream.prompt_tokens, len(reply), stream.thinker.cached))
+                              usage=Usage(stream.prompt_tokens, len(reply), stream.thinker.cached),
+                              logprobs=tuple(stream.thinker.logprobs) if stream.spec.logprobs is not None else None)
     speech = stream.speech
     if speech is not None:
         audio = np.concatenate(speech.audio) if speech.audio else np.zeros(0, dtype=np.float32)

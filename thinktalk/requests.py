@@ -8,6 +8,8 @@ Realtime socket, the CLI) means the same thing by the same option.
         SpeechParams    the talker: voice, its own sampling, max_seconds (None = the runaway-speech guard's bound),
                         chunk_frames; speech=None is a text-only reply
         TemplateOptions the chat template's options: enable_thinking, other template variables (chat_template_kwargs)
+        ResponseFormat  the reply's shape: free text, any JSON object, or JSON matching a schema (grammar-constrained)
+        ToolChoice      with tools: "auto" (the model decides), "required" (at least one call), or one named function
 
 The talker's budget is counted in seconds of speech here, and in codec frames (12.5 a second) inside the engine;
 its internal token budget is frames + 1 (the token after the last frame is codec EOS or never used).
@@ -29,6 +31,7 @@ FRAMES_PER_SECOND = 12.5  # Qwen3-Omni's codec frame rate (24 kHz / 1920 samples
 # past the checkpoint's own talker budget. Natural speech takes about 0.3 s per Qwen token; 1 s is three times that.
 GUARD_SECONDS_PER_TEXT_TOKEN = 1.0
 GUARD_MARGIN_SECONDS = 5.0
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class SamplingParams:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: im_end and the checkpoint's eos ids
+    logprobs: int | None = None  # k: each reply token's log-probability and the k most likely (None: none)
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,38 @@ class SpeechParams:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """What the reply's text must be; JSON formats constrain decoding with a grammar (engine/constraints.py).
+
+    type "text": anything; "json_object": one JSON object; "json_schema": JSON valid against `schema`. `strict`
+    refuses a schema using keywords the grammar compiler does not implement (otherwise they are not enforced)."""
+
+    type: str = "text"  # "text" | "json_object" | "json_schema"
+    schema: dict | None = None  # json_schema only
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """Which tool calls the reply must make when tools are offered. mode "auto": the model decides (unconstrained);
+    "required": the reply is one or more calls to offered tools; `function` (a name): one call to that function.
+    `parallel`: "required" may make more than one call (OpenAI's parallel_tool_calls); a named function is called
+    once."""
+
+    mode: str = "auto"  # "auto" | "required"
+    function: str | None = None
+    parallel: bool = True
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     messages: list
     sampling: SamplingParams = field(default_factory=SamplingParams)
     speech: SpeechParams | None = None
     tools: list | None = None
     use_audio_in_video: bool = False
+    response_format: ResponseFormat | None = None  # None: free text
+    tool_choice: ToolChoice | None = None  # None: "auto"
     template: TemplateOptions = field(default_factory=TemplateOptions)  # the chat template's options
 
 
@@ -93,7 +123,10 @@ def _given(params) -> dict:
 
 def resolve_sampling(cfg: OmniConfig, params: SamplingParams) -> SamplingConfig:
     """The checkpoint's thinker defaults overridden by what `params` sets; RequestError names a bad value."""
-    _check_types(params, {"max_new_tokens": int, "top_k": int, "seed": int}, "sampling")
+    _check_types(params, {"max_new_tokens": int, "top_k": int, "seed": int, "logprobs": int}, "sampling")
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"sampling logprobs (top_logprobs) must be in [0, {MAX_TOP_LOGPROBS}], got "
+                           f"{params.logprobs}", param="top_logprobs")
     try:
         return dataclasses.replace(cfg.thinker_sampling, **_given(params))
     except ValueError as error:

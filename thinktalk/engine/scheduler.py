@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from ..config import OmniConfig
 from ..errors import Cancelled, InputError
-from ..events import Failed, Started, TextDelta
-from ..layers.sampler import Sampler
+from ..events import Failed, Started, TextDelta, TokenLogprob
+from ..layers.sampler import SampledLogprobs, Sampler
 from ..models.omni import OmniModel
 from .encoding import PromptEncoding
 from .graphs import StepMode
@@ -215,8 +215,9 @@ class Scheduler:
         keep = self.cfg.talker.accept_hidden_layer if stream.speech is not None else None
         side.inputs = side.encoding.inputs(keep)
         device = side.group.device
-        side.sampler = Sampler(stream.spec.sampling, 1, self.cfg.thinker.text.vocab_size, device,
-                               seed=stream.spec.seed)
+        spec = stream.spec
+        side.sampler = Sampler(spec.sampling, 1, self.cfg.thinker.text.vocab_size, device, seed=spec.seed,
+                               constraint=spec.constraint, logprobs=spec.logprobs)
         side.sampler.observe(side.inputs.token_ids)  # prompt tokens count for the repetition penalty
         seq = side.inputs.embeds.shape[1]
         if keep is not None:
@@ -270,11 +271,18 @@ class Scheduler:
         side, spec = stream.thinker, stream.spec
         side.tokens.append(token)
         side.done = token in spec.stops or len(side.tokens) >= spec.sampling.max_new_tokens
+        picked = side.sampler.take_logprobs()
+        if picked is not None and token not in spec.stops:
+            side.logprobs.append(_host_logprob(token, picked))
+            side.unsent.append(side.logprobs[-1])
         if side.done:
             self._thinker_finished(stream)
+        else:
+            side.sampler.accept(token)  # a grammar moves past it (its next mask: at the row's next pick)
         piece = spec.detokenize(token, side.done)
-        if piece:
-            spec.sink(TextDelta(piece, [token]))
+        if piece or (side.done and side.unsent):  # the last logprobs go out even when their tokens show no text
+            spec.sink(TextDelta(piece, [token], tuple(side.unsent)))
+            side.unsent = []
 
     def _thinker_finished(self, stream: Stream) -> None:
         """The reply's text is complete: cache the conversation prefix, free the thinker row."""
@@ -318,3 +326,8 @@ class Scheduler:
             self.waiting.remove(stream)
         stream.phase = Phase.DONE
 
+
+def _host_logprob(token: int, picked: SampledLogprobs) -> TokenLogprob:
+    """The pick's log-probabilities on the host (the step already synchronised: these are small copies)."""
+    top = zip(picked.top_ids[0].tolist(), picked.top_logprobs[0].tolist())
+    return TokenLogprob(token, float(picked.chosen[0]), tuple(top))

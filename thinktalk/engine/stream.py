@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ..config import SamplingConfig
-from ..events import Event
-from ..layers.sampler import Sampler
+from ..events import Event, TokenLogprob
+from ..layers.sampler import Sampler, TokenConstraint
 from ..models.code2wav import Code2WavStream
 from ..processing.multimodal import PreparedPrompt
 from ..requests import ResolvedSpeech
@@ -56,6 +56,8 @@ class StreamSpec:
     detokenize: Callable[[int, bool], str]  # (token, final) -> the text it completes (never broken UTF-8)
     finish: Callable[["Stream"], Event]  # the stream's Done event, once everything is produced
     sink: Callable[[Event], None]  # receives the stream's events, in order
+    constraint: TokenConstraint | None = None  # a grammar the reply must follow (engine/constraints.py)
+    logprobs: int | None = None  # k: report each token's log-probability and the k most likely (None: off)
 
 
 @dataclass
@@ -72,6 +74,8 @@ class ThinkerSide:
     logits: torch.Tensor | None = None  # (1, vocab) at the prompt's last token, once the prefill reached it
     sampler: Sampler | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # reply tokens' but stop tokens', when asked for
+    unsent: list[TokenLogprob] = field(default_factory=list)  # of those, the ones no TextDelta carried yet
     done: bool = False
 
     def is_final(self, index: int) -> bool:

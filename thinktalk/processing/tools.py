@@ -41,6 +41,18 @@ TOOLS_POSTAMBLE = (
     "<args-json-object>}\n</tool_call>"
 )
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # added tokens of Qwen's tokenizer
+CALL_SEPARATORS = (", ", ": ")  # (items, keys) in a call's JSON as the template writes it (json.dumps' defaults)
+
+
+@dataclass(frozen=True)
+class OfferedFunction:
+    """One offered tool as a forced call needs it: its name, its parameters' JSON schema, and whether the caller
+    marked it strict (the schema must then be enforced in full)."""
+
+    name: str
+    parameters: dict | None
+    strict: bool
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,28 @@ def _json(value: Any, where: str) -> str:
         return json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError) as error:  # not JSON data (objects, sets), or circular
         raise PromptError(f"{where}: cannot be written as JSON ({error})") from None
+
+
+def offered_functions(tools: list) -> list[OfferedFunction]:
+    """The functions of `tools` (OpenAI form {"type": "function", "function": {...}} or the bare function object)."""
+    functions = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        parameters = function.get("parameters") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not (parameters is None or isinstance(parameters, dict)):
+            raise PromptError(f"tools[{index}]: a forced tool call needs a function with a string name and a JSON "
+                              f"object of parameters, got {tool!r:.80}")
+        functions.append(OfferedFunction(name, parameters, function.get("strict") is True))
+    return functions
+
+
+def call_schema(function: OfferedFunction) -> dict:
+    """The JSON schema of a call's payload as Qwen writes it: {"name": <the name>, "arguments": <its parameters>}
+    (properties in that order; arguments an object even when the function declares no parameters)."""
+    arguments = function.parameters if function.parameters is not None else {"type": "object"}
+    return {"type": "object", "properties": {"name": {"const": function.name}, "arguments": arguments},
+            "required": ["name", "arguments"], "additionalProperties": False}
 
 
 def render_tool_response(content: str) -> PromptText:
