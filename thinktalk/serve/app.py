@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -132,7 +132,7 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
         messages = await run_in_threadpool(build_messages, body, state.policy)
         job = await submit(state.worker, omni, messages, settings, state.limits)
         events = await prefetched(job_events(job, request))
-        reply = Reply(settings, sample_rate)
+        reply = Reply(settings, sample_rate, tokenizer=omni.tokenizer)
         if not body.stream:
             return await complete(events, reply, state.served_name)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -143,7 +143,21 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
     app.include_router(realtime_router(omni, runner=WorkerStreamRunner(state.worker), api_key=api_key,
                                        model_name=state.served_name))
     app.include_router(static_router())
+    _add_favicon(app)
     return app
+
+
+FAVICON = Path(__file__).parent / "static" / "favicon.svg"  # the page's icon, a small SVG
+FAVICON_MAX_AGE = 86400  # seconds a browser may keep it
+
+
+def _add_favicon(app: FastAPI) -> None:
+    """The page links /favicon.svg; browsers also ask for /favicon.ico on their own: both answer the SVG."""
+    @app.get("/favicon.svg", include_in_schema=False)
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(FAVICON, media_type="image/svg+xml",
+                            headers={"Cache-Control": f"max-age={FAVICON_MAX_AGE}"})
 
 
 def _add_error_handlers(app: FastAPI) -> None:
