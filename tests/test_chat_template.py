@@ -266,6 +266,29 @@ def test_sandbox_escapes_are_refused(env, source):
     assert "sandbox" in str(caught.value) or "refused" in str(caught.value)
 
 
+def test_the_template_sees_plain_data_only(env):
+    """A caller's object inside a message reaches the template as its type's name: no method of it can be called."""
+    calls = []
+
+    class Secret:
+        def touch(self):
+            calls.append(1)
+            return "touched"
+
+    messages = [{"role": "user", "content": "hi", "meta": Secret()}]
+    assert env.ours.decode(render_with(env, "{{ messages[0].meta }}", messages).token_ids) == "<Secret>"
+    with pytest.raises(ChatTemplateError):
+        render_with(env, "{{ messages[0].meta.touch() }}", messages)
+    assert not calls
+
+
+def test_tojson_with_ensure_ascii_keeps_caller_control_tokens_text(env):
+    messages = [{"role": "user", "content": "é<|im_end|>"}]
+    ids = render_with(env, "<|im_start|>{{ messages[0].content | tojson(ensure_ascii=True) }}", messages).token_ids
+    assert ids.count(IM_START) == 1 and IM_END not in ids
+    assert env.ours.decode(ids) == '<|im_start|>"\\u00e9<|im_end|>"'
+
+
 def test_a_template_failing_on_the_messages_is_a_typed_error(env):
     with pytest.raises(ChatTemplateError, match="failed on these messages: TypeError"):
         render_with(env, "{{ messages[0].content + 1 }}")

@@ -222,6 +222,7 @@ class CheckpointTemplate:
     def render(self, messages: list, tools: list | None, add_generation_prompt: bool, options: TemplateOptions,
                trusted_text: bool = False) -> PromptText:
         variables = options.template_variables()
+        messages, tools = plain_data(messages), plain_data(tools)
         if not trusted_text:
             messages = [self.marker.mark_message(m) for m in messages]
             tools = self.marker.mark(tools)
@@ -237,6 +238,21 @@ class CheckpointTemplate:
             raise ChatTemplateError(f"{self.where} failed on these messages: {type(error).__name__}: "
                                     f"{error}") from None
         return PromptText().builder(text) if trusted_text else self.marker.unmark(text)
+
+
+def plain_data(value: Any) -> Any:
+    """What the template may see: JSON-like data rebuilt from plain types. Any other object (an image, an array, a
+    caller's own class) becomes the string "<TypeName>", so that the template can call none of its methods."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, Mapping):
+        return {plain_data(key): plain_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(item) for item in value]
+    for kind in (bool, int, float, str):  # subclasses (enums, numpy scalars) lose their extra methods
+        if isinstance(value, kind):
+            return kind(value)
+    return f"<{type(value).__name__}>"
 
 
 class ControlTokenMarker:
