@@ -36,8 +36,9 @@ from transformers import AutoTokenizer  # noqa: E402
 TEMPLATE = (Path(__file__).parent / "data" / "qwen3_omni_thinking.chat_template.jinja").read_text()
 IM_START, IM_END, THINK, END_THINK = 151644, 151645, 151667, 151668
 RATE = 16000
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = [{"type": "function", "function": {"name": "weather", "description": "The weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+                                           "parameters": CITY}}]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,8 @@ SHAPES = {
         {"role": "tool", "tool_call_id": "c1", "content": "18 C"}],
     "reasoning_content after the last user query": lambda: [
         {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "reasoning_content": "ask the tool", "content": "", "tool_calls": [call({"city": "Oslo"})]},
+        {"role": "assistant", "reasoning_content": "ask the tool", "content": "",
+         "tool_calls": [call({"city": "Oslo"})]},
         {"role": "tool", "content": "-3 C"}],
     "tool messages whose content is a list of parts": lambda: [
         {"role": "user", "content": "Show me the chart."},
