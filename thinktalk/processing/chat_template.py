@@ -228,13 +228,13 @@ class CheckpointTemplate:
             tools = self.marker.mark(tools)
             variables = self.marker.mark(variables)
         try:
-            text = self.template.render(**self.special_tokens, **variables, messages=messages, tools=tools,
-                                        add_generation_prompt=add_generation_prompt)
+            text = self.template.render({**self.special_tokens, **variables}, messages=messages, tools=tools,
+                                        add_generation_prompt=add_generation_prompt)  # the caller's over the config's
         except jinja2.exceptions.SecurityError as error:
             raise ChatTemplateError(f"{self.where} tried something its sandbox refuses: {error}") from None
         except jinja2.exceptions.TemplateError as error:  # raise_exception(...), an undefined name, ...
             raise ChatTemplateError(f"{self.where} refused the messages: {error}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as error:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as error:
             raise ChatTemplateError(f"{self.where} failed on these messages: {type(error).__name__}: "
                                     f"{error}") from None
         return PromptText().builder(text) if trusted_text else self.marker.unmark(text)
