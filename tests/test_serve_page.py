@@ -29,6 +29,7 @@ pytest.importorskip("websockets")
 from fastapi import FastAPI  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
+import speech  # noqa: E402
 from thinktalk import Omni  # noqa: E402
 from thinktalk.serve.realtime import realtime_router, static_router  # noqa: E402
 
@@ -96,7 +97,9 @@ def server(tiny):
 @pytest.fixture
 def page(server, tmp_path):
     profile = tmp_path / "profile"
-    browser = subprocess.Popen([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+    microphone = write_speech_wav(tmp_path / "microphone.wav")  # server VAD (Silero) answers speech, not beeps
+    browser = subprocess.Popen([str(CHROMIUM), *FLAGS, f"--use-file-for-fake-audio-capture={microphone}",
+                                f"--user-data-dir={profile}", "about:blank"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = profile / "DevToolsActivePort"
@@ -116,6 +119,17 @@ def page(server, tmp_path):
     finally:
         browser.terminate()
         browser.wait(timeout=30)
+
+
+def write_speech_wav(path: Path) -> Path:
+    """A short utterance and a second of silence (Chromium's fake microphone loops it), PCM16 at 24 kHz."""
+    pcm = (np.clip(speech.spoken_turn(0, lead=0.5, tail=1.0), -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(speech.RATE)
+        out.writeframes(pcm.tobytes())
+    return path
 
 
 def write_tone_wav(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
@@ -165,8 +179,8 @@ def test_page_text_file_and_push_to_talk_turns(page, tmp_path):
     assert page.evaluate("[...document.querySelectorAll('.msg.user .tag')].length") == 2
     assert not page.evaluate("document.querySelector('.msg.error')")
 
-    # 4. hands-free: server VAD on the fake microphone's beeps (about 80 ms loud every 0.5 s) finds turns and
-    # answers them; the page's silence setting is shortened below the gap between beeps
+    # 4. hands-free: server VAD on the fake microphone's looped utterance finds turns and answers them (the page's
+    # silence setting shortened)
     page.evaluate("VAD.silence_duration_ms = 250; document.getElementById('mode').value = 'vad';"
                   "document.getElementById('mode').dispatchEvent(new Event('change'))")
     page.evaluate("pressTalk()", await_promise=True)

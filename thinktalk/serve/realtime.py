@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import threading
+from importlib import resources
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from .realtime_session import Cancel, RealtimeSession, StreamRunner
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 KEY_PROTOCOL = "openai-insecure-api-key."
+DEMO_CONFIG = "assets/demo_config.json"  # the demo checkpoint's config.json, as thinktalk/demo.py writes it
 
 
 async def next_or_cancel(queue: asyncio.Queue, cancel: Cancel) -> tuple[bool, object]:
@@ -136,6 +139,15 @@ def _authorized(websocket: WebSocket, offered: list[str], api_key: str) -> bool:
     return any(hmac.compare_digest(key.encode("utf-8", "replace"), api_key.encode("utf-8")) for key in given)
 
 
+def is_demo_checkpoint(path: Path) -> bool:
+    """Whether `path` holds the built-in demo checkpoint (random weights): its config.json is the demo's own."""
+    demo = json.loads(resources.files("thinktalk").joinpath(DEMO_CONFIG).read_text())
+    try:
+        return json.loads((Path(path) / "config.json").read_text()) == demo
+    except (OSError, ValueError):  # no readable config: not the demo (the model loaded from elsewhere)
+        return False
+
+
 def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str, Any] | None = None,
                     api_key: str | None = None, model_name: str | None = None,
                     vad: str = "silero") -> APIRouter:
@@ -150,9 +162,13 @@ def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str
     base = SessionState(model=model_name, voice=omni.default_voice if omni.voices else "", **(defaults or {}))
     router = APIRouter()
 
+    random_weights = is_demo_checkpoint(omni.path)
+
     @router.get("/v1/realtime/voices")
     def voices() -> dict:
-        return {"voices": omni.voices, "default": base.voice or None}
+        """What the page shows before it connects: the voices, the served model, and whether it is the demo."""
+        return {"voices": omni.voices, "default": base.voice or None, "model": model_name,
+                "random_weights": random_weights}
 
     @router.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket) -> None:

@@ -25,10 +25,49 @@ function setStatus(text) { $("status").textContent = text; }
 
 // ------------------------------------------------------------------------------------------------ the socket
 
+const KEY_STORAGE = "thinktalk-api-key";  // sessionStorage: the key is kept for this tab only
+
+// The server's --api-key, if it has one: the page's address (/#key=...), else what was typed in this tab.
+function apiKey() {
+  return new URLSearchParams(location.hash.slice(1)).get("key") || sessionStorage.getItem(KEY_STORAGE);
+}
+
+function authHeaders() { const key = apiKey(); return key ? { Authorization: `Bearer ${key}` } : {}; }
+
+// Shows the served model (and whether its weights are the random demo), then connects, or first asks for the API
+// key when the server wants one (the socket would be refused).
+async function start() {
+  const info = await (await fetch("/v1/realtime/voices")).json();
+  $("model").textContent = info.model + (info.random_weights ? " · random demo weights: its words and speech are noise" : "");
+  document.body.dataset.model = info.model;
+  document.body.dataset.randomWeights = String(info.random_weights);
+  const probe = await fetch("/v1/models", { headers: authHeaders() });
+  if (probe.status === 401) {
+    askForKey(apiKey() ? "That API key was refused; enter the server's --api-key" : "This server needs its API key");
+    return;
+  }
+  connect();
+}
+
+function askForKey(message) {
+  document.body.dataset.state = "key";
+  setStatus(message);
+  $("keyform").hidden = false;
+  $("key").focus();
+}
+
+function submitKey(event) {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_STORAGE, $("key").value.trim());
+  history.replaceState(null, "", location.pathname + location.search);  // a refused #key= must not win again
+  $("keyform").hidden = true;
+  start().catch(reportError);
+}
+
 function connect() {
   const url = new URL("/v1/realtime", location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  const key = apiKey();  // from the page's address: /#key=...
+  const key = apiKey();  // browsers cannot set headers on a WebSocket: the key rides as a subprotocol, as OpenAI's
   const ws = new WebSocket(url, key ? ["realtime", `openai-insecure-api-key.${key}`] : ["realtime"]);
   page.ws = ws;
   ws.onopen = () => setStatus("connected");
@@ -38,8 +77,6 @@ function connect() {
     setStatus("disconnected — reload to reconnect");
   };
 }
-
-function apiKey() { return new URLSearchParams(location.hash.slice(1)).get("key"); }
 
 function send(event) {
   if (page.ws && page.ws.readyState === WebSocket.OPEN) page.ws.send(JSON.stringify(event));
@@ -121,8 +158,7 @@ function handle(event) {
 }
 
 async function loadVoices(current) {
-  const key = apiKey();
-  const reply = await fetch("/v1/realtime/voices", key ? { headers: { Authorization: `Bearer ${key}` } } : {});
+  const reply = await fetch("/v1/realtime/voices", { headers: authHeaders() });
   const { voices } = await reply.json();
   const select = $("voice");
   select.replaceChildren(...voices.map((name) => new Option(name, name, false, name === current)));
@@ -449,8 +485,9 @@ function init() {
     $("camera").checked = false;
     reportError(error);
   }));
+  $("keyform").addEventListener("submit", submitKey);
   document.body.dataset.mode = "ptt";
-  connect();
+  start().catch(reportError);
 }
 
 init();
