@@ -38,7 +38,8 @@ function authHeaders() { const key = apiKey(); return key ? { Authorization: `Be
 // key when the server wants one (the socket would be refused).
 async function start() {
   const info = await (await fetch("/v1/realtime/voices")).json();
-  $("model").textContent = info.model + (info.random_weights ? " · random demo weights: its words and speech are noise" : "");
+  const demo = info.random_weights ? " · random demo weights: its words and speech are noise" : "";
+  $("model").textContent = info.model + demo;
   document.body.dataset.model = info.model;
   document.body.dataset.randomWeights = String(info.random_weights);
   const probe = await fetch("/v1/models", { headers: authHeaders() });
