@@ -7,8 +7,13 @@ experts as the block path and a per-token loop.
   and drawing with a seed: the same codes.
 - The MoE experts: the grouped-GEMM path (F.grouped_mm, which runs on the CPU in bfloat16 with aligned shapes),
   the row-gather path and the block path against a per-token loop, an idle expert included.
+- The grouped path inside whole bf16 networks on the CPU (eager; F.grouped_mm runs on the CPU in bf16): the tiny
+  thinker's decode and a talker session with every MoE forced onto GROUPED against the CPU's block path.
 - CUDA only (skipped here): the captured talker step and code-predictor pass (CUDA graphs) against eager, greedy
-  and drawing; a captured thinker decode step (ThinkerRunner's step in a CapturedStep) against eager.
+  and drawing; a captured thinker decode step (ThinkerRunner's step in a CapturedStep) against eager. Each in float32
+  (the ROW_GATHER experts) and in bf16, where sm90 / sm100 GPUs take GROUPED (F.grouped_mm inside the graph): the
+  tiny widths are multiples of 8, as F.grouped_mm's 16-byte strides need.
+- Private thinker rows kept across generate calls (one batch, one captured or compiled step for both).
 
 The talker and thinker are the suite's tiny ones with strong random weights, built directly (no reference needed).
 """
@@ -30,7 +35,8 @@ from thinktalk.engine.talker_prompt import TalkerPrefill
 from thinktalk.engine.talker_session import TalkerSession
 from thinktalk.engine.thinker_batch import PRIVATE_MIN_LEN, PrivateRows, private_length
 from thinktalk.engine.thinker_runner import DecodeStep, ThinkerRunner, text_prefill_inputs
-from thinktalk.layers.moe import ExpertPath, Experts
+from thinktalk.layers import moe
+from thinktalk.layers.moe import ExpertPath, Experts, choose_path, grouped_mm_is_fast
 from thinktalk.models.talker import Talker
 from thinktalk.models.thinker import Thinker
 from thinktalk.omni import Omni
@@ -60,18 +66,18 @@ def talker(cfg) -> Talker:
     return model
 
 
-def random_prefill(cfg, device: torch.device, seed: int = 0) -> TalkerPrefill:
+def random_prefill(cfg, device: torch.device, seed: int = 0, dtype: torch.dtype = torch.float32) -> TalkerPrefill:
     gen = torch.Generator().manual_seed(seed)
     hidden = cfg.talker.text.hidden_size
     positions = torch.arange(PROMPT, dtype=torch.float32).view(1, 1, -1).expand(3, 1, PROMPT)
-    return TalkerPrefill(torch.randn(1, PROMPT, hidden, generator=gen).to(device), positions.to(device), 0.0,
-                         torch.randn(3, hidden, generator=gen).to(device))
+    return TalkerPrefill(torch.randn(1, PROMPT, hidden, generator=gen).to(device, dtype), positions.to(device), 0.0,
+                         torch.randn(3, hidden, generator=gen).to(device, dtype))
 
 
-def text_inputs(cfg, device: torch.device) -> torch.Tensor:
+def text_inputs(cfg, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(FRAMES, 1, hidden) stand-ins for the projected reply tokens the talker steps read."""
     gen = torch.Generator().manual_seed(11)
-    return torch.randn(FRAMES, 1, cfg.talker.text.hidden_size, generator=gen).to(device)
+    return torch.randn(FRAMES, 1, cfg.talker.text.hidden_size, generator=gen).to(device, dtype)
 
 
 def speak(session: TalkerSession, texts: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -166,35 +172,107 @@ def test_grouped_experts_equal_blocks_and_a_token_loop():
     torch.testing.assert_close(out[ExpertPath.GROUPED], out[ExpertPath.BLOCKS], atol=0, rtol=0)
 
 
+class ForcedPath:
+    """Stands in for moe.choose_path: every MoE takes `path`; counts the calls (proof that the path ran)."""
+
+    def __init__(self, path: ExpertPath):
+        self.path, self.calls = path, 0
+
+    def __call__(self, x: torch.Tensor) -> ExpertPath:
+        self.calls += 1
+        return self.path
+
+
+def bf16_decode(thinker: Thinker, steps: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy eager decode of two prompts -> (tokens (steps + 1, 2), logits (steps, 2, vocab))."""
+    cpu = torch.device("cpu")
+    runner = ThinkerRunner(thinker, 2, 8 + steps, mode=StepMode.EAGER)
+    sampler = Sampler(SamplingConfig(repetition_penalty=1.2), 2, thinker.cfg.text.vocab_size, cpu)
+    with torch.inference_mode():
+        tokens = sampler(runner.prefill(text_prefill_inputs(thinker, [[5, 9, 200, 7], [3, 1, 4, 1, 5, 9]], cpu))[0])
+        picked, outs = [tokens], []
+        for _ in range(steps):
+            logits = runner.decode_step(tokens)
+            tokens = sampler(logits)
+            picked.append(tokens)
+            outs.append(logits.float())
+    return torch.stack(picked), torch.stack(outs)
+
+
+def test_bf16_networks_on_the_grouped_path_equal_the_block_path(cfg, talker, monkeypatch):
+    """The CPU run of what a captured bf16 step does on sm90: every MoE of the tiny thinker's decode and of a talker
+    session (its shared-expert MoE included) through F.grouped_mm, against the CPU's own block path."""
+    thinker = Thinker(parse_config(tiny_config_dict(talker=False)).thinker).eval()
+    strengthen_(thinker, seed=3)
+    thinker, model = thinker.bfloat16(), copy.deepcopy(talker).bfloat16()
+    cpu, dtype = torch.device("cpu"), torch.bfloat16
+    blocks = bf16_decode(thinker), speak(TalkerSession(model, cfg, random_prefill(cfg, cpu, dtype=dtype), GREEDY,
+                                                       mode=StepMode.EAGER), text_inputs(cfg, cpu, dtype))
+    forced = ForcedPath(ExpertPath.GROUPED)
+    monkeypatch.setattr(moe, "choose_path", forced)
+    grouped = bf16_decode(thinker), speak(TalkerSession(model, cfg, random_prefill(cfg, cpu, dtype=dtype), GREEDY,
+                                                        mode=StepMode.EAGER), text_inputs(cfg, cpu, dtype))
+    assert forced.calls > 0
+    (block_tokens, block_logits), (block_codes, block_hidden) = blocks
+    (grouped_tokens, grouped_logits), (grouped_codes, grouped_hidden) = grouped
+    assert len(set(block_tokens.flatten().tolist())) > 3, "degenerate decode would prove little"
+    assert torch.equal(grouped_tokens, block_tokens)
+    torch.testing.assert_close(grouped_logits, block_logits, atol=2e-2, rtol=2e-2)
+    assert len(grouped_codes) == len(block_codes) >= FRAMES - 1
+    assert torch.equal(torch.cat(grouped_codes), torch.cat(block_codes))
+    torch.testing.assert_close(torch.cat(grouped_hidden).float(), torch.cat(block_hidden).float(), atol=2e-2,
+                               rtol=2e-2)
+
+
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 
 
+def expected_cuda_path(dtype: torch.dtype) -> ExpertPath:
+    """The MoE path a CUDA activation of `dtype` takes on this GPU (GROUPED: bf16 on sm90 / sm100)."""
+    fast = grouped_mm_is_fast(dtype, torch.cuda.get_device_capability())
+    return ExpertPath.GROUPED if fast else ExpertPath.ROW_GATHER
+
+
+# Captured against eager on one GPU: the same kernels replayed, so float32 agrees to rounding noise; bf16 steps are
+# compared at bf16's resolution (its codes must still be identical).
+HIDDEN_TOLERANCE = {torch.float32: dict(atol=1e-6, rtol=0), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16, id="bfloat16")]
+
+
 @cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("params", [GREEDY, DRAW], ids=["greedy", "draw"])
-def test_captured_session_speaks_the_eager_codes(cfg, talker, params):
+def test_captured_session_speaks_the_eager_codes(cfg, talker, params, dtype):
     device = torch.device("cuda")
-    model = copy.deepcopy(talker).to(device)
+    model = copy.deepcopy(talker).to(device, dtype)
+    probe = torch.zeros(1, cfg.talker.text.hidden_size, device=device, dtype=dtype)
+    assert choose_path(probe) is expected_cuda_path(dtype)  # bf16 on sm90 / sm100: F.grouped_mm in the graph
     results, sessions = [], []
     for mode in (StepMode.EAGER, StepMode.GRAPH):
-        session = TalkerSession(model, cfg, random_prefill(cfg, device), params, seed=3, mode=mode)
-        results.append(speak(session, text_inputs(cfg, device)))
+        session = TalkerSession(model, cfg, random_prefill(cfg, device, dtype=dtype), params, seed=3, mode=mode)
+        results.append(speak(session, text_inputs(cfg, device, dtype)))
         sessions.append(session)
     (eager_codes, eager_hidden), (graph_codes, graph_hidden) = results
     assert sessions[1].step.captured and sessions[1].frame_pass.step.captured
+    assert sessions[1].step.captures == sessions[1].frame_pass.step.captures == 1
     assert len(eager_codes) == len(graph_codes) >= FRAMES - 1
     assert torch.equal(torch.cat(graph_codes), torch.cat(eager_codes))
-    torch.testing.assert_close(torch.cat(graph_hidden), torch.cat(eager_hidden), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat(graph_hidden).float(), torch.cat(eager_hidden).float(),
+                               **HIDDEN_TOLERANCE[dtype])
 
 
 @cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("params", [SamplingConfig(repetition_penalty=1.2),
                                     SamplingConfig(do_sample=True, top_k=20, top_p=0.9)], ids=["greedy", "draw"])
-def test_captured_thinker_step_equals_eager(params):
+def test_captured_thinker_step_equals_eager(params, dtype):
     """ThinkerRunner's decode step plus its sampler, captured, against the same eagerly; logits and tokens."""
     device, steps = torch.device("cuda"), 6
     thinker = Thinker(parse_config(tiny_config_dict(talker=False)).thinker).eval()
     strengthen_(thinker, seed=3)
-    thinker = thinker.to(device)
+    thinker = thinker.to(device, dtype)
+    probe = torch.zeros(1, thinker.cfg.text.hidden_size, device=device, dtype=dtype)
+    assert choose_path(probe) is expected_cuda_path(dtype)
     prompts = [[5, 9, 200, 7], [3, 1, 4, 1, 5, 9, 2, 6]]
     vocab = thinker.cfg.text.vocab_size
     picked, logits = [], []
@@ -220,7 +298,7 @@ def test_captured_thinker_step_equals_eager(params):
         picked.append(torch.stack(seq))
         logits.append(torch.stack(outs))
     assert torch.equal(picked[1], picked[0])
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits[1].float(), logits[0].float(), **HIDDEN_TOLERANCE[dtype])
 
 
 @cuda
