@@ -33,7 +33,7 @@ from thinktalk.engine.graphs import CapturedStep, StepMode
 from thinktalk.layers.sampler import Sampler
 from thinktalk.engine.talker_prompt import TalkerPrefill
 from thinktalk.engine.talker_session import TalkerSession
-from thinktalk.engine.thinker_batch import PRIVATE_MIN_LEN, PrivateRows, private_length
+from thinktalk.engine.thinker_batch import PRIVATE_IDLE_LIMIT, PRIVATE_MIN_LEN, PrivateRows, private_length
 from thinktalk.engine.thinker_runner import DecodeStep, ThinkerRunner, text_prefill_inputs
 from thinktalk.layers import moe
 from thinktalk.layers.moe import ExpertPath, Experts, choose_path, grouped_mm_is_fast
@@ -365,6 +365,10 @@ def test_private_rows_grow_by_length():
     assert rows.take(20) is first and rows.built == 1
     other = rows.take(PRIVATE_MIN_LEN + 1)
     assert other is not first and other.max_len == 2 * PRIVATE_MIN_LEN and rows.built == 2
+    kept = [rows.take(PRIVATE_MIN_LEN * 2 ** k) for k in range(PRIVATE_IDLE_LIMIT + 1)]  # lengths 1x, 2x, 4x ...
+    for batch in kept:
+        rows.give_back(release(batch))
+    assert rows.idle == kept[-PRIVATE_IDLE_LIMIT:]  # at most PRIVATE_IDLE_LIMIT kept: the newest
 
 
 def release(batch):

@@ -37,7 +37,7 @@ from .thinker_runner import PREFILL_CHUNK, PrefillInputs, ThinkerRunner, prefill
 
 DEFAULT_MAX_LEN = 4096  # cache slots per row (prompt + reply): most chats fit; longer requests get a row of their own
 PRIVATE_MIN_LEN = 256  # the shortest private row: short replies all share one step shape
-PRIVATE_IDLE_LIMIT = 4  # released private batches kept, newest first (each holds its KV cache and captured steps)
+PRIVATE_IDLE_LIMIT = 2  # released private batches kept, newest first (each holds its KV cache and captured steps)
 
 
 def check_batching(rows: int, max_len: int) -> None:
