@@ -2,6 +2,7 @@
 limit, every figure printed as a `RESULT name value [note]` line the moment it is measured.
 
     python bench/gpu_run.py [--config full|tiny] [--device cuda|cpu] [--limit STAGE=SECONDS ...] [--stages A,B]
+                            [--total SECONDS] [--results FILE]
 
 Stages, most important first (default limit in seconds; STAGES below):
     smoke_tiny, smoke_released   bf16 capture smoke test (bench/capture_smoke.py) at the tiny widths and at the
@@ -14,8 +15,11 @@ Stages, most important first (default limit in seconds; STAGES below):
     parity_top1, parity_text, parity_codes   tests/test_gpu_parity.py's checks (bench/parity_checks.py)
     then the remaining bench/gpu.py rows: prefill, decode at batch 8 and 32, Code2Wav, first audio and RTF at
     each concurrency (cold, steady), and the reference's figures, then peak memory
-Each stage prints `RESULT stage.NAME ok|TIMEOUT|FAILED seconds [error]` when it ends; a stage that overruns is
-stopped and reported and the next one runs; a failed build ends the run.
+Each stage prints `RESULT stage.NAME ok|TIMEOUT|FAILED|SKIPPED seconds [error]` when it ends; a stage that overruns
+is stopped and reported and the next one runs; a failed build ends the run. `--total` bounds the whole run: a stage
+gets at most what is left of it, and once it is spent the remaining stages are SKIPPED. `--results FILE` also
+appends every RESULT line to FILE as it is printed (e.g. under the device run's $OUT, so that no figure is lost
+from a long output's tail).
 
 How a stage is bounded: a SIGALRM timer (signal.setitimer) whose handler raises StageTimeout in the main thread.
 Python runs the handler between bytecodes, i.e. between kernel launches and between steps, so it stops our loops
@@ -62,9 +66,16 @@ class StageTimeout(BaseException):
     """A stage ran past its limit (raised by the SIGALRM handler; see the module doc)."""
 
 
+RESULTS_FILES: list[Path] = []  # --results: where RESULT lines are also appended
+
+
 def emit(name: str, value, note: str = "") -> None:
     text = f"{value:.4g}" if isinstance(value, float) else str(value)
-    print(f"RESULT {name} {text}{'  ' + note if note else ''}", flush=True)
+    line = f"RESULT {name} {text}{'  ' + note if note else ''}"
+    print(line, flush=True)
+    for path in RESULTS_FILES:
+        with path.open("a") as out:
+            out.write(line + "\n")
 
 
 def emit_row(row: gpu.Row, engines: tuple[str, ...] = ("thinktalk", "reference")) -> None:
@@ -106,10 +117,13 @@ class DeviceRun:
         except StageTimeout:
             raise
         except Exception as error:  # noqa: BLE001 (reported, and the run goes on with eager steps)
+            traceback.print_exc()
             emit(f"{name}.capture", "FAILED", f"{type(error).__name__}: {error}")
             if self.mode is not StepMode.EAGER:
                 self.mode = StepMode.EAGER
-                emit("step_mode", "eager", f"(fallback: {self.mode.value} capture failed in {name})")
+                emit("step_mode", "eager", f"(fallback: capture failed in {name}; for the bench's own runners "
+                                           "and the Omni's private thinker rows: its shared rows and private talker "
+                                           "sessions keep the device default)")
             return
         for result in results:
             emit(f"{name}.{result.name}", "same" if result.same else "DIFFERENT",
@@ -236,9 +250,15 @@ def parse_limits(items: list[str], parser) -> dict[str, float]:
     return limits
 
 
-def run_stages(run: DeviceRun, stages: list[Stage], limits: dict[str, float]) -> None:
+def run_stages(run: DeviceRun, stages: list[Stage], limits: dict[str, float], total: float | None = None) -> None:
+    deadline = None if total is None else time.perf_counter() + total
     for stage in stages:
         limit = limits.get(stage.name, stage.limit)
+        if deadline is not None:
+            limit = min(limit, deadline - time.perf_counter())
+            if limit <= 0:
+                emit(f"stage.{stage.name}", "SKIPPED", f"(--total {total:g} s spent)")
+                continue
         start, status, error = time.perf_counter(), "ok", ""
         try:
             with time_limit(limit):
@@ -261,8 +281,14 @@ def main() -> None:
     parser.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
                         help="a stage's time limit (repeatable)")
     parser.add_argument("--stages", default=None, help="comma-separated stages to run (build is always run)")
+    parser.add_argument("--total", type=float, default=None, help="seconds for the whole run (default: no bound)")
+    parser.add_argument("--results", type=Path, default=None, help="also append the RESULT lines to this file")
     args = parser.parse_args()
     limits = parse_limits(args.limit, parser)
+    if args.total is not None and not args.total > 0:
+        parser.error(f"--total must be > 0, got {args.total}")
+    if args.results is not None:
+        RESULTS_FILES.append(args.results)
     chosen = STAGES
     if args.stages:
         names = set(args.stages.split(",")) | {"build"}
@@ -274,7 +300,7 @@ def main() -> None:
     emit("device", f"{name}; torch {torch.__version__}; {args.dtype}; config {args.config}")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = args.tokenizer or build_qwen_tokenizer_files(Path(tmp))
-        run_stages(DeviceRun(args, config, budgets, tokenizer_dir), list(chosen), limits)
+        run_stages(DeviceRun(args, config, budgets, tokenizer_dir), list(chosen), limits, args.total)
 
 
 if __name__ == "__main__":

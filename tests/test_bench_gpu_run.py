@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -28,13 +29,15 @@ def results(stdout: str) -> list[tuple[str, str, str]]:
     return [(parts[0], parts[1], parts[2] if len(parts) > 2 else "") for parts in lines]
 
 
-def test_tiny_cpu_run_prints_results_in_priority_order_and_stops_an_overrunning_stage(qwen_dir):
+def test_tiny_cpu_run_prints_results_in_priority_order_and_stops_an_overrunning_stage(qwen_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    copy = tmp_path / "results.txt"
     done = subprocess.run([sys.executable, str(BENCH / "gpu_run.py"), "--config", "tiny", "--device", "cpu",
-                           "--tokenizer", str(qwen_dir), "--limit", "talker=0.001"], capture_output=True, text=True,
-                          env=env, timeout=TIMEOUT_S)
+                           "--tokenizer", str(qwen_dir), "--limit", "talker=0.001", "--results", str(copy)],
+                          capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     found = results(done.stdout)
+    assert results(copy.read_text()) == found  # --results holds the same lines
     names = [name for name, _, _ in found]
     stages = [(name.removeprefix("stage."), value) for name, value, _ in found if name.startswith("stage.")]
     assert [name for name, _ in stages] == list(gpu_run.STAGE_NAMES), stages
@@ -63,3 +66,20 @@ def test_a_stage_timeout_is_not_swallowed_by_except_exception():
             except Exception as error:  # noqa: BLE001 (what the scheduler does with a stream's failure)
                 caught.append(error)
     assert caught == []
+
+
+def busy(run) -> None:
+    while True:
+        pass
+
+
+def test_total_budget_caps_a_stage_and_skips_the_rest(capsys):
+    """--total: the overrunning stage gets only what is left of the run, and the stages after it are SKIPPED."""
+    stages = [gpu_run.Stage("first", 30, lambda run: gpu_run.emit("figure", 1.0)),
+              gpu_run.Stage("overruns", 30, busy), gpu_run.Stage("never", 30, lambda run: gpu_run.emit("late", 2.0))]
+    recovered = []
+    gpu_run.run_stages(SimpleNamespace(recover=lambda: recovered.append(True)), stages, {}, total=0.2)
+    found = [(name, value) for name, value, _ in results(capsys.readouterr().out)]
+    assert found == [("figure", "1"), ("stage.first", "ok"), ("stage.overruns", "TIMEOUT"),
+                     ("stage.never", "SKIPPED")]
+    assert recovered == [True]  # cleaned up after the stopped stage
