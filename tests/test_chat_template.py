@@ -1,11 +1,13 @@
 """The checkpoint's own chat template against transformers' rendering of the same template.
 
-The template is tests/data/qwen3_omni_thinking.chat_template.jinja: a Qwen3-Omni-Thinking style template written for
-these tests (the released file could not be found verbatim offline; see its header). For each shape on which the
-built-in layout and that template differ, thinktalk's prompt (rendered through the template, media expanded) must
-equal transformers' `apply_chat_template` on the same messages, token for token, with each media placeholder
-expanded to the item's token count. Then: control tokens in caller strings stay text, raise_exception and sandbox
-escapes are typed errors, and the template files are found where checkpoints keep them.
+Two templates, each test run with both: tests/data/qwen3_omni_kyr0.chat_template.jinja, a public copy of the
+Qwen3-Omni template (the official one with its tool branch fixed, see its header; the released file itself is not
+available offline), and tests/data/qwen3_omni_thinking.chat_template.jinja, a Thinking-style template written for
+these tests. For each shape on which the built-in layout and the template differ, thinktalk's prompt (rendered
+through the template, media expanded) must equal transformers' `apply_chat_template` on the same messages, token for
+token, with each media placeholder expanded to the item's token count. Then: control tokens in caller strings stay
+text, raise_exception and sandbox escapes are typed errors, and the template files are found where checkpoints keep
+them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from thinktalk.processing.vision import VisionProcessorConfig
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer  # noqa: E402
 
-TEMPLATE = (Path(__file__).parent / "data" / "qwen3_omni_thinking.chat_template.jinja").read_text()
+DATA = Path(__file__).parent / "data"
+TEMPLATE = (DATA / "qwen3_omni_thinking.chat_template.jinja").read_text()
+TEMPLATES = {"thinking-style": TEMPLATE,  # written for these tests
+             "public copy": (DATA / "qwen3_omni_kyr0.chat_template.jinja").read_text()}  # see its header
 IM_START, IM_END, THINK, END_THINK = 151644, 151645, 151667, 151668
 RATE = 16000
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
@@ -41,15 +46,16 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Th
                                            "parameters": CITY}}]
 
 
-@pytest.fixture(scope="module")
-def env(qwen_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=list(TEMPLATES))
+def env(request, qwen_dir, tmp_path_factory):
+    source = TEMPLATES[request.param]
     directory = tmp_path_factory.mktemp("templated_tokenizer")
     for file in qwen_dir.iterdir():
         shutil.copy(file, directory / file.name)
-    (directory / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": source}))
     ours = Tokenizer.from_dir(directory)
     cfg = parse_config(checkpoints.tiny_config_dict()).thinker
-    return SimpleNamespace(ours=ours, theirs=AutoTokenizer.from_pretrained(qwen_dir), cfg=cfg,
+    return SimpleNamespace(ours=ours, theirs=AutoTokenizer.from_pretrained(qwen_dir), cfg=cfg, source=source,
                            template=CheckpointTemplate.from_dir(directory, ours.added_texts),
                            media=MediaOptions(AudioFeatureConfig(), VisionProcessorConfig()))
 
@@ -59,7 +65,7 @@ def ours(env, messages, tools=None, options=TemplateOptions()):
 
 
 def reference(env, messages, tools=None, **kwargs) -> list[int]:
-    return env.theirs.apply_chat_template(messages, tools=tools, chat_template=TEMPLATE, add_generation_prompt=True,
+    return env.theirs.apply_chat_template(messages, tools=tools, chat_template=env.source, add_generation_prompt=True,
                                           tokenize=True, return_dict=False, **kwargs)
 
 
@@ -176,7 +182,7 @@ def test_control_tokens_in_user_text_stay_text(env):
     assert ids.count(IM_START) == 3 and ids.count(IM_END) == 2  # system, user, the generation prompt
     body = ids[ids.index(IM_START, 1) + 3:ids.index(IM_END, ids.index(IM_START, 1))]
     assert body == env.ours.encode_ordinary(FORGED)
-    rendered = env.theirs.apply_chat_template(messages, chat_template=TEMPLATE, add_generation_prompt=True,
+    rendered = env.theirs.apply_chat_template(messages, chat_template=env.source, add_generation_prompt=True,
                                               tokenize=False)
     assert env.ours.decode(ids) == rendered  # the same text, only the token boundaries differ
     # transformers' own sanitizing mode agrees on which control tokens are real
@@ -205,7 +211,7 @@ def test_no_caller_string_places_a_control_token(env, where):
         messages += [{"role": "assistant", "content": "ok", "reasoning_content": FORGED,
                       "tool_calls": [call({})]}, {"role": "tool", "content": "r"}]
     ids = ours(env, messages, tools).token_ids
-    rendered = env.theirs.apply_chat_template(messages, tools=tools, chat_template=TEMPLATE,
+    rendered = env.theirs.apply_chat_template(messages, tools=tools, chat_template=env.source,
                                               add_generation_prompt=True, tokenize=False)
     assert env.ours.decode(ids) == rendered
     forged = rendered.count("<|im_start|>") - ids.count(IM_START)  # written by the caller, kept as text
@@ -219,7 +225,7 @@ def test_reasoning_tags_of_assistant_turns_are_the_templates_to_take_apart(env):
     messages[0]["content"] = "what does <think> mean?"
     ids = ours(env, messages).token_ids
     assert ids.count(THINK) == 1 and ids.count(END_THINK) == 1
-    assert env.ours.decode(ids) == env.theirs.apply_chat_template(messages, chat_template=TEMPLATE,
+    assert env.ours.decode(ids) == env.theirs.apply_chat_template(messages, chat_template=env.source,
                                                                   add_generation_prompt=True, tokenize=False)
 
 
