@@ -85,3 +85,15 @@ def test_batched_rows_with_and_without_logprobs_keep_their_solo_replies(omni):
 def test_bad_top_logprobs_is_a_request_error(omni, value):
     with pytest.raises(RequestError):
         omni.generate(ASK, max_new_tokens=2, logprobs=value)
+
+
+def test_a_top_p_below_float32s_range_keeps_the_most_likely_token():
+    """top_p 5e-324 is 0 in float32: every token compared as past the mass, and the draw got no candidate."""
+    import dataclasses
+
+    from thinktalk.config import SamplingConfig
+    from thinktalk.layers.sampler import Sampler
+
+    params = dataclasses.replace(SamplingConfig(), do_sample=True, temperature=1.0, top_p=5e-324)
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0))
+    assert Sampler(params, 1, 1000, torch.device("cpu"), seed=0)(logits).tolist() == [int(logits.argmax())]

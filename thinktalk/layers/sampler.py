@@ -132,6 +132,7 @@ class Sampler:
             cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
             # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
             drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= p.top_p
+            drop_sorted[:, 0] = False  # explicitly: a top_p below float32's least number (5e-324) compares as 0
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)

@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from ..processing.tools import ToolCall
+from ..requests import ResponseFormat, ToolChoice
 from .errors import APIError, bad_request
 from .media import MediaPolicy, checked_audio, checked_image, checked_video, decode_base64, fetch
 from .schemas import (AudioOptions, ChatCompletionRequest, ChatMessage, FunctionCall, ServerLimits,
@@ -94,6 +95,14 @@ def build_messages(request: ChatCompletionRequest, policy: MediaPolicy) -> list[
     return messages
 
 
+# OpenAI request fields this server does not implement -> the values that ask for nothing (the field's no-op).
+# Any other value is a 400 naming the field.
+UNSUPPORTED = {"n": (None, 1), "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+               "store": (None, False), "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
+               "verbosity": (None,), "prediction": (None,), "web_search_options": (None,), "functions": (None,),
+               "function_call": (None,), "prompt_cache_retention": (None,)}
+
+
 @dataclass(frozen=True)
 class StreamSettings:
     """What the request asked for, checked against the model and the limits."""
@@ -103,6 +112,8 @@ class StreamSettings:
     audio_format: str
     stops: tuple[str, ...]
     tools_offered: bool
+    logprobs: bool = False  # report choices[].logprobs (top_logprobs alternatives: stream_kwargs["logprobs"])
+    parallel_tool_calls: bool = True  # False: only the reply's first tool call is returned
 
 
 def stream_settings(request: ChatCompletionRequest, voices: list[str], has_talker: bool, formats: tuple[str, ...],
@@ -124,9 +135,17 @@ def stream_settings(request: ChatCompletionRequest, voices: list[str], has_talke
     if len(stops) > MAX_STOPS or any(not s or len(s) > 256 for s in stops):
         raise bad_request(f"stop takes at most {MAX_STOPS} non-empty strings of at most 256 characters",
                           param="stop")
+    _refuse_unsupported(request)
     tools = _offered_tools(request)
     if tools:
         kwargs["tools"] = tools
+        kwargs.update(_tool_choice(request))
+    if request.response_format is not None and request.response_format.type != "text":
+        kwargs["response_format"] = _response_format(request)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+    if request.logprobs:
+        kwargs["logprobs"] = request.top_logprobs or 0
     if request.chat_template_kwargs is not None:
         kwargs["chat_template_kwargs"] = request.chat_template_kwargs
     want_audio = "audio" in (request.modalities or ["text"])
@@ -134,7 +153,34 @@ def stream_settings(request: ChatCompletionRequest, voices: list[str], has_talke
     kwargs["return_audio"] = want_audio
     if want_audio:
         kwargs.update(_speech(options, voices, has_talker, formats, limits, request.stream))
-    return StreamSettings(kwargs, want_audio, options.format, stops, bool(tools))
+    return StreamSettings(kwargs, want_audio, options.format, stops, bool(tools), bool(request.logprobs),
+                          request.parallel_tool_calls is not False)
+
+
+def _refuse_unsupported(request: ChatCompletionRequest) -> None:
+    for name, no_ops in UNSUPPORTED.items():
+        value = getattr(request, name)
+        if value not in no_ops:
+            raise bad_request(f"{name} is not supported by this server (got {str(value)[:64]!r})", param=name,
+                              code="unsupported_parameter")
+
+
+def _tool_choice(request: ChatCompletionRequest) -> dict:
+    """tool_choice as Omni's: "required" and a named function force a call (a grammar); "auto" leaves it free."""
+    choice, parallel = request.tool_choice, request.parallel_tool_calls is not False
+    if choice is None or choice == "auto":
+        return {}
+    if choice == "required":
+        return {"tool_choice": ToolChoice("required", parallel=parallel)}
+    return {"tool_choice": ToolChoice(function=choice.function.name)}
+
+
+def _response_format(request: ChatCompletionRequest) -> ResponseFormat:
+    form = request.response_format
+    if form.type == "json_object":
+        return ResponseFormat("json_object")
+    return ResponseFormat("json_schema", form.json_schema.schema_ if form.json_schema.schema_ is not None
+                          else {}, form.json_schema.strict is True)
 
 
 def _speech(options: AudioOptions, voices: list[str], has_talker: bool, formats: tuple[str, ...],
@@ -163,12 +209,10 @@ def _offered_tools(request: ChatCompletionRequest) -> list[dict]:
     if choice == "none" or not tools:
         return []
     if choice is not None and not isinstance(choice, str):
-        named = [t for t in tools if t["function"]["name"] == choice.function.name]
-        if not named:
+        if not any(t["function"]["name"] == choice.function.name for t in tools):
             raise bad_request(f"tool_choice names {choice.function.name[:64]!r}, which is not among the tools",
                               param="tool_choice")
-        return named
-    return tools
+    return tools  # all of them, as OpenAI shows them; a named choice forces the call (_tool_choice)
 
 
 def openai_tool_calls(calls: tuple[ToolCall, ...] | list[ToolCall]) -> list[ToolCallModel]:

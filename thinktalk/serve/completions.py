@@ -2,6 +2,10 @@
 
 The worker hands over the stream's events (events.py): Started (the prompt's size: a reply cut at a stop string
 never reaches Done), TextDelta, AudioChunk, then Done or Failed. A client that goes away cancels its job.
+
+Log-probabilities (`logprobs: true`) are the thinker's raw ones (events.TokenLogprob), one entry per reply token but
+the stop token, in OpenAI's shape; a streamed chunk carries those of the tokens its TextDelta brought (with the text
+the stop-string gate let through, maybe none).
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError
-from ..events import AudioChunk, Done, Failed, GenerationResult, Started, TextDelta
+from ..events import AudioChunk, Done, Failed, GenerationResult, Started, TextDelta, TokenLogprob
 from ..omni import Omni
+from ..processing.tokenizer import Tokenizer
 from . import audio_out
 from .chat import TOOL_CALL_MARKER, StreamSettings, TextGate, openai_tool_calls
 from .engine_worker import EngineWorker, Job, QueueFull, WorkerStopped
 from .errors import APIError, ErrorBody, ErrorResponse, input_error
-from .schemas import (ChatCompletion, Choice, CompletionTokensDetails, ReplyAudio, ReplyMessage, ServerLimits,
-                      UsageModel)
+from .schemas import (ChatCompletion, Choice, ChoiceLogprobs, CompletionTokensDetails, ReplyAudio, ReplyMessage,
+                      ServerLimits, TokenLogprobModel, TopLogprob, UsageModel)
 
 AUDIO_EXPIRY_SECONDS = 3600
 DISCONNECT_POLL_SECONDS = 0.5
@@ -101,6 +106,8 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     result: GenerationResult | None = None
+    tokenizer: Tokenizer | None = None  # names the tokens of logprobs
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def __post_init__(self):
         markers = (TOOL_CALL_MARKER,) if self.settings.tools_offered else ()
@@ -127,12 +134,38 @@ class Reply:
     def waveform(self) -> np.ndarray:
         return np.concatenate(self.audio) if self.audio else np.zeros(0, dtype=np.float32)
 
+    def choice_logprobs(self, entries: list[TokenLogprob]) -> ChoiceLogprobs | None:
+        if not self.settings.logprobs:
+            return None
+        return ChoiceLogprobs(content=[self._entry(e) for e in entries])
+
+    def tool_calls(self) -> list:
+        calls = openai_tool_calls(self.result.tool_calls)
+        return calls if self.settings.parallel_tool_calls else calls[:1]  # parallel_tool_calls: false
+
+    def _entry(self, entry: TokenLogprob) -> TokenLogprobModel:
+        top = []
+        for token_id, logprob in entry.top:
+            text, data = self._token(token_id)
+            top.append(TopLogprob(token=text, logprob=logprob, bytes=data))
+        text, data = self._token(entry.token_id)
+        return TokenLogprobModel(token=text, logprob=entry.logprob, bytes=data, top_logprobs=top)
+
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text (invalid UTF-8 as U+FFFD) and bytes; ids past the tokenizer (vocabulary padding): none."""
+        assert self.tokenizer is not None, "a reply with logprobs needs the tokenizer"
+        if token_id >= self.tokenizer.vocab_size:
+            return "", []
+        data = self.tokenizer.token_bytes(token_id)
+        return data.decode("utf-8", errors="replace"), list(data)
+
 
 def _count(reply: Reply, event) -> None:
     if isinstance(event, Started):
         reply.prompt_tokens = event.prompt_tokens
     elif isinstance(event, TextDelta):
         reply.completion_tokens += len(event.token_ids)
+        reply.logprobs.extend(event.logprobs)
     elif isinstance(event, Done):
         reply.result = event.result
 
@@ -165,7 +198,7 @@ async def complete(events: AsyncIterator, reply: Reply, served_name: str) -> Cha
     content = reply.gate.text + reply.gate.flush()
     tool_calls = None
     if reply.finish_reason == "tool_calls":
-        content, tool_calls = reply.result.text or None, openai_tool_calls(reply.result.tool_calls)
+        content, tool_calls = reply.result.text or None, reply.tool_calls()
     elif reply.gate.holding:
         content = reply.result.text if reply.result else reply.gate.text + reply.gate.pending
     audio = None
@@ -174,8 +207,9 @@ async def complete(events: AsyncIterator, reply: Reply, served_name: str) -> Cha
         audio = ReplyAudio(id=reply.audio_id, data=base64.b64encode(data).decode(), transcript=content or "",
                            expires_at=reply.created + AUDIO_EXPIRY_SECONDS)
     message = ReplyMessage(content=content, audio=audio, tool_calls=tool_calls)
+    choice = Choice(message=message, finish_reason=reply.finish_reason, logprobs=reply.choice_logprobs(reply.logprobs))
     return ChatCompletion(id=reply.id, created=reply.created, model=served_name, usage=reply.usage(),
-                          choices=[Choice(message=message, finish_reason=reply.finish_reason)])
+                          choices=[choice])
 
 
 def _sse(payload: dict) -> str:
@@ -186,10 +220,10 @@ async def stream_chunks(events: AsyncIterator, reply: Reply, served_name: str,
                         include_usage: bool) -> AsyncIterator[str]:
     """SSE lines: a role chunk, content and audio deltas as they come, the finish chunk, usage, [DONE]."""
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
+    def chunk(delta: dict, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
         return _sse({"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
                      "model": served_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                        "logprobs": None}]})
+                                                        "logprobs": logprobs and logprobs.model_dump()}]})
 
     yield chunk({"role": "assistant", "content": ""})
     wav_header = reply.settings.want_audio and reply.settings.audio_format == "wav"
@@ -198,8 +232,9 @@ async def stream_chunks(events: AsyncIterator, reply: Reply, served_name: str,
             _count(reply, event)
             if isinstance(event, TextDelta):
                 text = reply.gate.push(event.text)
-                if text:
-                    yield chunk({"content": text})
+                logprobs = reply.choice_logprobs(list(event.logprobs)) if event.logprobs else None
+                if text or logprobs:
+                    yield chunk({"content": text}, logprobs=logprobs)
                 if reply.gate.stopped:
                     break
             elif isinstance(event, AudioChunk):
@@ -215,7 +250,7 @@ async def stream_chunks(events: AsyncIterator, reply: Reply, served_name: str,
     if tail:
         yield chunk({"content": tail})
     if reply.finish_reason == "tool_calls":
-        calls = [dict(call.model_dump(), index=i) for i, call in enumerate(openai_tool_calls(reply.result.tool_calls))]
+        calls = [dict(call.model_dump(), index=i) for i, call in enumerate(reply.tool_calls())]
         yield chunk({"tool_calls": calls})
     elif reply.gate.holding and reply.gate.pending:
         yield chunk({"content": reply.gate.pending})

@@ -110,9 +110,20 @@ def validation_error(problems: list[dict], fields: frozenset[str]) -> APIError:
         return APIError(400, "invalid request", code="invalid_request")
     if any(problem.get("type") == "json_invalid" for problem in problems):
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
-    paths = [field_path(tuple(problem.get("loc", ())), fields) for problem in problems]
+    paths = [field_path(tuple(problem.get("loc", ())), fields | _unknown_field(problem)) for problem in problems]
     deepest = max(range(len(problems)), key=lambda i: len(paths[i] or ""))
     param = paths[deepest]
-    message = f"{param or 'request'}: {problems[deepest].get('msg', 'invalid value')}"
+    reason = problems[deepest].get("msg", "invalid value")
+    if _unknown_field(problems[deepest]):
+        reason = "not a parameter this server supports"
+    message = f"{param or 'request'}: {reason}"
     more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
     return APIError(400, (message + more)[:2000], param=param, code="invalid_request")
+
+
+def _unknown_field(problem: dict) -> frozenset[str]:
+    """The name of a field the schema does not have (pydantic's extra_forbidden), so that `param` can name it."""
+    loc = tuple(problem.get("loc", ()))
+    if problem.get("type") == "extra_forbidden" and loc and isinstance(loc[-1], str):
+        return frozenset({loc[-1]})
+    return frozenset()

@@ -147,7 +147,33 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Model):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Model):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Model):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(_Model):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormatModel = Annotated[Union[TextFormat, JSONObjectFormat, JSONSchemaResponseFormat],
+                                Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Model):
+    model_config = ConfigDict(extra="forbid", strict=True)  # an unknown field is a 400 naming it
+
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     modalities: list[Literal["text", "audio"]] | None = None
@@ -158,11 +184,34 @@ class ChatCompletionRequest(_Model):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1)  # more than 1: refused by name (UNSUPPORTED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormatModel | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Accepted with no effect on the reply: identifiers and cache hints for the service, not the model.
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    metadata: dict[str, str] | None = None
+    # OpenAI fields this server does not implement: a value other than the no-op default is a 400 naming the field
+    # (chat.py, UNSUPPORTED), never silently dropped. Any field not declared here is refused by name too.
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
     use_audio_in_video: bool = False  # thinktalk extension
     chat_template_kwargs: dict[str, Any] | None = None  # the chat template's variables (vLLM's extension)
 
@@ -197,11 +246,29 @@ class ReplyMessage(_Model):
     tool_calls: list[ToolCallModel] | None = None
 
 
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobModel(_Model):
+    token: str
+    logprob: float  # the thinker's raw distribution (before penalty, grammar mask, temperature, top-k / top-p)
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Model):
+    content: list[TokenLogprobModel] | None
+    refusal: list[TokenLogprobModel] | None = None
+
+
 class Choice(_Model):
     index: int = 0
     message: ReplyMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(_Model):
