@@ -27,9 +27,12 @@ and the reference's generate() alike, with no cooperation from the code it stops
 so that no `except Exception` on the way (the scheduler turns those into a stream's failure) swallows it. Queued GPU
 work is then drained (torch.cuda.synchronize) and the persistent scheduler dropped, so the next stage starts clean.
 The alternative, a subprocess per stage, could be killed anywhere but would rebuild the 70.5 GB model each time
-(minutes of the 15); a stop flag checked between steps could not stop the reference's generate(). One long kernel
-cannot be interrupted either way; no stage has one longer than a prefill chunk.
+(minutes of the 15); a stop flag checked between steps could not stop the reference's generate(). The timer cannot
+cut one long kernel short (the handler runs when it returns); no kernel here lasts more than a fraction of a second.
 
+On the device (after `bash bench/gpu_carry.sh` here, with .gpucarry carried):
+    source .gpucarry/setup.sh && python3 bench/gpu_run.py --config full --tokenizer .gpucarry/tokenizer \
+        --results $OUT/results.txt --total 500
 `--config tiny --device cpu` runs every stage in seconds (tests/test_bench_gpu_run.py runs it).
 """
 
@@ -52,8 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import capture_smoke  # noqa: E402
 import gpu  # noqa: E402
+import gpu_common as common  # noqa: E402
 import parity_checks  # noqa: E402
-from checkpoints import tiny_config_dict  # noqa: E402  (gpu put tests/ on sys.path)
+from checkpoints import tiny_config_dict  # noqa: E402  (gpu_common put tests/ on sys.path)
 
 from thinktalk.engine.graphs import StepMode  # noqa: E402
 from thinktalk.engine.thinker_batch import PrivateRows  # noqa: E402
@@ -78,7 +82,7 @@ def emit(name: str, value, note: str = "") -> None:
             out.write(line + "\n")
 
 
-def emit_row(row: gpu.Row, engines: tuple[str, ...] = ("thinktalk", "reference")) -> None:
+def emit_row(row: common.Row, engines: tuple[str, ...] = ("thinktalk", "reference")) -> None:
     for engine, value in (("thinktalk", row.ours), ("reference", row.theirs)):
         if engine in engines and value is not None:
             emit(f"{engine}.{row.key}", value, row.note)
@@ -101,12 +105,12 @@ def time_limit(seconds: float):
 class DeviceRun:
     """What the stages share: options, the step mode (eager after a failed capture), the built Setup."""
 
-    def __init__(self, args, config: dict, budgets: gpu.Budgets, tokenizer_dir: Path):
+    def __init__(self, args, config: dict, budgets: common.Budgets, tokenizer_dir: Path):
         self.args, self.config, self.budgets, self.tokenizer_dir = args, config, budgets, tokenizer_dir
         self.device = torch.device(args.device)
         default = "graph" if self.device.type == "cuda" else "eager"
         self.mode = StepMode(args.step_mode or default)
-        self.setup: gpu.Setup | None = None
+        self.setup: common.Setup | None = None
         self.cold_ours: gpu.Reply | None = None
 
     # -- before the build ----------------------------------------------------------------------------------------
@@ -137,7 +141,7 @@ class DeviceRun:
 
     def build(self) -> None:
         self.args.step_mode = self.mode.value
-        self.setup, weights = gpu.build(self.args, self.config, self.budgets, self.tokenizer_dir)
+        self.setup, weights = common.build(self.args, self.config, self.budgets, self.tokenizer_dir)
         if self.mode is StepMode.EAGER:  # the Omni's private thinker rows too (its default is a graph on CUDA)
             self.setup.omni.private_rows = PrivateRows(self.setup.omni.model.thinker, mode=self.mode)
         emit("step_mode", self.mode.value)
@@ -155,7 +159,8 @@ class DeviceRun:
     def reference_decode(self) -> None:
         s = self.setup
         for batch in gpu.DECODE_BATCHES:
-            prompts = gpu.random_prompts(batch, s.budgets.decode_prompt, s.omni.cfg.thinker.text.vocab_size, batch)
+            vocab = s.omni.cfg.thinker.text.vocab_size
+            prompts = common.random_prompts(batch, s.budgets.decode_prompt, vocab, batch)
             seconds = gpu.reference_decode_seconds(s, prompts)
             emit(f"reference.decode_b{batch}_tok_s", batch * s.budgets.new_tokens / seconds)
 
@@ -170,7 +175,7 @@ class DeviceRun:
         result = check(omni, self.setup.reference, self.device, exact)
         emit(result.name, result.value, f"{'PASS' if result.passed else 'FAIL'} ({result.detail})")
 
-    def rows(self, make: Callable[[gpu.Setup], list[gpu.Row]]) -> None:
+    def rows(self, make: Callable[[common.Setup], list[common.Row]]) -> None:
         for row in make(self.setup):
             emit_row(row)
 
@@ -193,7 +198,7 @@ class DeviceRun:
         emit("reference.talker_steady_frames_s", gpu.reference_talker_rate(self.setup))
 
     def memory(self) -> None:
-        row = gpu.memory_row(self.setup)
+        row = common.memory_row(self.setup)
         if row.ours is None:
             emit("peak_memory_gb", "n/a", "(no GPU)")
         emit_row(row)
@@ -215,6 +220,7 @@ class Stage:
     run: Callable[[DeviceRun], None]
 
 
+PARITY_STAGES = ("parity_top1", "parity_text", "parity_codes")  # parity_checks.CHECKS, in their order
 STAGES = (
     Stage("smoke_tiny", 60, DeviceRun.smoke_tiny),
     Stage("smoke_released", 120, DeviceRun.smoke_released),
@@ -222,10 +228,11 @@ STAGES = (
     Stage("first_audio_cold", 90, DeviceRun.first_audio_cold),
     Stage("decode_b1", 60, lambda r: r.decode(1)),
     Stage("talker", 60, DeviceRun.talker),
-    *(Stage(f"parity_{c.__name__}", 90, lambda r, c=c: r.parity(c)) for c in parity_checks.CHECKS),
+    *(Stage(name, 90, lambda r, c=c: r.parity(c)) for name, c in zip(PARITY_STAGES, parity_checks.CHECKS)),
     Stage("prefill", 60, lambda r: r.rows(lambda s: [gpu.prefill_row(s)])),
     *(Stage(f"decode_b{b}", 60, lambda r, b=b: r.decode(b)) for b in gpu.DECODE_BATCHES[1:]),
     Stage("code2wav", 60, lambda r: r.rows(gpu.code2wav_rows)),
+    # a minute, and 5 s more per concurrent reply
     *(Stage(f"speech_c{n}", 60 + 5 * n, lambda r, n=n: r.speech_level(n)) for n in gpu.SPEECH_LEVELS),
     Stage("reference_decode", 120, DeviceRun.reference_decode),
     Stage("reference_talker", 90, DeviceRun.reference_talker),
@@ -277,7 +284,7 @@ def run_stages(run: DeviceRun, stages: list[Stage], limits: dict[str, float], to
 
 
 def main() -> None:
-    parser = gpu.parser(__doc__)
+    parser = common.parser(__doc__)
     parser.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
                         help="a stage's time limit (repeatable)")
     parser.add_argument("--stages", default=None, help="comma-separated stages to run (build is always run)")
@@ -295,7 +302,7 @@ def main() -> None:
         if unknown := sorted(names - set(STAGE_NAMES)):
             parser.error(f"unknown stage(s) {unknown}; stages: {', '.join(STAGE_NAMES)}")
         chosen = tuple(stage for stage in STAGES if stage.name in names)
-    config, budgets = gpu.resolve(args)
+    config, budgets = common.resolve(args)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     emit("device", f"{name}; torch {torch.__version__}; {args.dtype}; config {args.config}")
     with tempfile.TemporaryDirectory() as tmp:
