@@ -171,3 +171,25 @@ def test_node_sdks_realtime_ws_client_over_wss(tls_server, tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["model"] == SERVED and result["status"] == "completed"
     assert result["seen"][0] == "session.created" and "response.content_part.added" in result["seen"]
+
+
+def test_python_sdks_realtime_client_over_wss(tls_server):
+    import ssl
+
+    openai = pytest.importorskip("openai")
+    base, cert = tls_server
+    client = openai.OpenAI(api_key=KEY, base_url=base + "/v1")
+    options = {"ssl": ssl.create_default_context(cafile=str(cert))}
+    with client.realtime.connect(model=SERVED, websocket_connection_options=options) as connection:
+        created = connection.recv()  # parsed into the SDK's own event models
+        assert created.type == "session.created" and created.session.model == SERVED
+        connection.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+        connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": "Hi"}]})
+        connection.response.create(response={"max_output_tokens": 3})
+        seen = []
+        for event in connection:
+            seen.append(event.type)
+            if event.type == "response.done":
+                break
+    assert event.response.status == "completed" and "response.content_part.added" in seen
