@@ -33,7 +33,7 @@ from ..requests import GenerationRequest
 from .engine_worker import QueueFull, WorkerStopped
 from .realtime_events import SessionState
 from .realtime_session import Cancel, RealtimeSession, StreamRunner, log
-from .vad import silero_loader
+from .vad import DETECTORS, silero_loader
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
@@ -164,6 +164,8 @@ def realtime_router(omni, runner: StreamRunner | None = None, defaults: dict[str
     router = APIRouter()
 
     random_weights = is_demo_checkpoint(omni.path)
+    if vad not in DETECTORS:
+        raise ValueError(f"unknown VAD detector {vad!r}; choose one of {', '.join(DETECTORS)}")
     if vad == "silero" and silero_loader() is not None:  # without silero-vad, the loader has logged the fallback
         log.info("server VAD: Silero (silero-vad)")
 
