@@ -153,7 +153,8 @@ def node_sdk() -> Path:
         NODE_CACHE.mkdir(parents=True, exist_ok=True)
         try:
             subprocess.run(["npm", "install", "--prefix", str(NODE_CACHE), "--no-audit", "--no-fund",
-                            "--no-save", "openai", "ws"], check=True, capture_output=True, timeout=300)
+                            "--no-save", "--fetch-timeout=30000", "--fetch-retries=1", "openai", "ws"],
+                           check=True, capture_output=True, timeout=180)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             pytest.skip(f"npm could not install openai and ws (registry unreachable?): {exc}")
     return NODE_CACHE
