@@ -73,8 +73,10 @@ def check_options(args) -> None:
 
 
 def sampling_params(args) -> SamplingParams:
+    # --greedy turns sampling off; a sampling option turns it on; neither: the checkpoint's generation_config
     sampled = args.temperature is not None or args.top_k is not None or args.top_p is not None
-    return SamplingParams(max_new_tokens=args.max_tokens, do_sample=False if args.greedy else (True if sampled else None),
+    do_sample = False if args.greedy else (True if sampled else None)
+    return SamplingParams(max_new_tokens=args.max_tokens, do_sample=do_sample,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 
