@@ -68,10 +68,11 @@ def _version() -> str:
         return "thinktalk (not installed: run `pip install -e .` for its version)"
 
 
-SERVE_DESCRIPTION = """One process serves, on http://HOST:PORT (default 127.0.0.1:8000; https:// and wss:// with --ssl-certfile):
-  POST /v1/chat/completions, POST /v1/audio/transcriptions, GET /v1/models, GET /health   (OpenAI's HTTP API)
-  WS   /v1/realtime      OpenAI's Realtime socket: PCM16 24 kHz speech both ways, server VAD, barge-in
-  GET  /                 a voice and video chat page in the browser
+SERVE_DESCRIPTION = """\
+One process serves, on http://HOST:PORT (default 127.0.0.1:8000; https and wss with --ssl-certfile):
+  POST /v1/chat/completions, /v1/audio/transcriptions; GET /v1/models, /health   (OpenAI's HTTP API)
+  WS   /v1/realtime   OpenAI's Realtime socket: PCM16 24 kHz speech both ways, server VAD, barge-in
+  GET  /              a voice and video chat page in the browser
 Default model: the built-in random demo checkpoint. Stop with Ctrl-C (requests in flight end cleanly)."""
 
 
