@@ -4,6 +4,7 @@ across turns. Assertions read the scheduler's own step log and counters, never t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -133,6 +134,11 @@ def test_the_runaway_speech_guard_bounds_a_talker_that_never_stops(omni):
     bounded = omni.generate(user("Hi"), max_new_tokens=tokens, stop_token_ids=NEVER, talker_do_sample=False,
                             talker_max_new_tokens=11)  # an explicit budget replaces the guard
     assert bounded.codes.shape[1] == 10
+    request = omni.request(user("Hi"), max_new_tokens=tokens, stop_token_ids=NEVER, talker_do_sample=False)
+    ceiling = dataclasses.replace(request, speech=dataclasses.replace(request.speech, ceiling_seconds=0.4))
+    assert omni.generate(ceiling).codes.shape[1] == 5  # a server's cap: min(guard, 0.4 s), the guard kept on
+    roomy = dataclasses.replace(request, speech=dataclasses.replace(request.speech, ceiling_seconds=600.0))
+    assert omni.generate(roomy).codes.shape[1] == guard_frames(tokens)  # a cap past the guard changes nothing
 
 
 def conversation_turns(omni: Omni, turns: int, speak: bool):

@@ -20,9 +20,9 @@ from media import noise_image, wav_bytes, write_video
 from thinktalk.omni import Omni
 from thinktalk.processing.tools import ToolCall
 from thinktalk.serve.app import create_app
-from thinktalk.serve.chat import TextGate, openai_tool_calls
+from thinktalk.serve.chat import TextGate, openai_tool_calls, stream_settings
 from thinktalk.serve.local import BackgroundServer
-from thinktalk.serve.schemas import ServerLimits
+from thinktalk.serve.schemas import AudioOptions, ChatCompletionRequest, ServerLimits
 
 openai = pytest.importorskip("openai")
 
@@ -274,3 +274,14 @@ def test_cancelled_stream_frees_the_worker(client, server):
         for _ in zip(range(3), response.iter_lines()):
             pass
     assert wait_idle(server) == 0
+
+
+def test_over_http_a_reply_without_max_seconds_is_guarded_and_capped_by_the_server():
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+                                                 "modalities": ["text", "audio"]})
+    limits = ServerLimits(max_audio_output_seconds=30.0)
+    speech = stream_settings(body, ["ethan"], True, ("wav", "pcm16"), limits).request.speech
+    assert (speech.max_seconds, speech.ceiling_seconds) == (None, 30.0)  # None: the runaway guard applies
+    body = body.model_copy(update={"audio": AudioOptions(voice="Ethan", format="wav", max_seconds=99.0)})
+    speech = stream_settings(body, ["ethan"], True, ("wav", "pcm16"), limits).request.speech
+    assert (speech.voice, speech.max_seconds) == ("ethan", 30.0)

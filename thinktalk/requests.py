@@ -6,7 +6,7 @@ Realtime socket, the CLI) means the same thing by the same option.
         SamplingParams  the thinker: do_sample, temperature, top_k, top_p, repetition_penalty, seed,
                         max_new_tokens (text tokens), stop_token_ids; None = the checkpoint's generation_config
         SpeechParams    the talker: voice, its own sampling, max_seconds (None = the runaway-speech guard's bound),
-                        chunk_frames; speech=None is a text-only reply
+                        ceiling_seconds (a cap that leaves the guard on), chunk_frames; speech=None: text only
         TemplateOptions the chat template's options: enable_thinking, other template variables (chat_template_kwargs)
         ResponseFormat  the reply's shape: free text, any JSON object, or JSON matching a schema (grammar-constrained)
         ToolChoice      with tools: "auto" (the model decides), "required" (at least one call), or one named function
@@ -56,6 +56,7 @@ class SpeechParams:
     top_p: float | None = None
     repetition_penalty: float | None = None
     max_seconds: float | None = None  # None: the runaway-speech guard (see the module doc)
+    ceiling_seconds: float | None = None  # a hard cap that keeps the guard on (a server's own limit), or None
     chunk_frames: int = 1  # codec frames per Code2Wav call, and per AudioChunk
 
 
@@ -139,11 +140,13 @@ def resolve_speech(cfg: OmniConfig, speech: SpeechParams, default_voice: str, se
         raise RequestError(f"speech chunk_frames (audio_chunk_frames) must be at least 1, got {speech.chunk_frames}")
     checkpoint = cfg.talker_sampling
     frames = checkpoint.max_new_tokens - 1
-    if speech.max_seconds is not None:
-        if not (isinstance(speech.max_seconds, (int, float)) and not isinstance(speech.max_seconds, bool)
-                and speech.max_seconds > 0):
-            raise RequestError(f"speech max_seconds must be a positive number, got {speech.max_seconds!r}")
-        frames = min(frames, max(1, round(speech.max_seconds * FRAMES_PER_SECOND)))
+    for name in ("max_seconds", "ceiling_seconds"):
+        seconds = getattr(speech, name)
+        if seconds is None:
+            continue
+        if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0):
+            raise RequestError(f"speech {name} must be a positive number, got {seconds!r}")
+        frames = min(frames, max(1, round(seconds * FRAMES_PER_SECOND)))
     try:
         sampling = dataclasses.replace(checkpoint, **{**_given(speech), "max_new_tokens": frames + 1})
         speaker = cfg.talker.speaker_id(speech.voice or default_voice)

@@ -5,19 +5,19 @@ Media parts are fetched and checked here (see media.py) and passed on already lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import secrets
 from dataclasses import dataclass, field
 
 from ..processing.tools import ToolCall
-from ..requests import ResponseFormat, ToolChoice
+from ..processing.chat_template import TemplateOptions
+from ..requests import GenerationRequest, ResponseFormat, SamplingParams, SpeechParams, ToolChoice
 from .errors import APIError, bad_request
 from .media import MediaPolicy, checked_audio, checked_image, checked_video, decode_base64, fetch
 from .schemas import (AudioOptions, ChatCompletionRequest, ChatMessage, FunctionCall, ServerLimits,
                       ToolCallModel)
 
-CODEC_FRAMES_PER_SECOND = 12.5
 TOOL_CALL_MARKER = "<tool_call>"
 MAX_STOPS = 4
 
@@ -105,15 +105,22 @@ UNSUPPORTED = {"n": (None, 1), "frequency_penalty": (None, 0), "presence_penalty
 
 @dataclass(frozen=True)
 class StreamSettings:
-    """What the request asked for, checked against the model and the limits."""
+    """What the request asked for, checked against the model and the limits: the engine's typed request (without
+    its messages, which are prepared apart) and how the reply is shaped for the client."""
 
-    stream_kwargs: dict  # for Omni.stream (besides messages)
-    want_audio: bool
+    request: GenerationRequest  # messages empty; `for_messages` fills them in
     audio_format: str
     stops: tuple[str, ...]
     tools_offered: bool
-    logprobs: bool = False  # report choices[].logprobs (top_logprobs alternatives: stream_kwargs["logprobs"])
+    logprobs: bool = False  # report choices[].logprobs (top_logprobs alternatives: request.sampling.logprobs)
     parallel_tool_calls: bool = True  # False: only the reply's first tool call is returned
+
+    @property
+    def want_audio(self) -> bool:
+        return self.request.speech is not None
+
+    def for_messages(self, messages: list) -> GenerationRequest:
+        return dataclasses.replace(self.request, messages=messages)
 
 
 def stream_settings(request: ChatCompletionRequest, voices: list[str], has_talker: bool, formats: tuple[str, ...],
@@ -123,38 +130,35 @@ def stream_settings(request: ChatCompletionRequest, voices: list[str], has_talke
         name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         raise bad_request(f"{name} {max_tokens} is over this server's limit of {limits.max_tokens} (max_tokens)",
                           param=name, code="max_tokens_exceeded")
-    kwargs: dict = {"max_new_tokens": max_tokens, "seed": request.seed,
-                    "use_audio_in_video": request.use_audio_in_video}
-    if request.temperature == 0:
-        kwargs["do_sample"] = False
-    elif request.temperature is not None or request.top_p is not None:
-        kwargs["do_sample"] = True
-        kwargs.update({k: v for k, v in (("temperature", request.temperature), ("top_p", request.top_p))
-                       if v is not None})
     stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if len(stops) > MAX_STOPS or any(not s or len(s) > 256 for s in stops):
         raise bad_request(f"stop takes at most {MAX_STOPS} non-empty strings of at most 256 characters",
                           param="stop")
     _refuse_unsupported(request)
-    tools = _offered_tools(request)
-    if tools:
-        kwargs["tools"] = tools
-        kwargs.update(_tool_choice(request))
-    if request.response_format is not None and request.response_format.type != "text":
-        kwargs["response_format"] = _response_format(request)
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
-    if request.logprobs:
-        kwargs["logprobs"] = request.top_logprobs or 0
-    if request.chat_template_kwargs is not None:
-        kwargs["chat_template_kwargs"] = request.chat_template_kwargs
+    tools = _offered_tools(request)
     want_audio = "audio" in (request.modalities or ["text"])
     options = request.audio or AudioOptions()
-    kwargs["return_audio"] = want_audio
-    if want_audio:
-        kwargs.update(_speech(options, voices, has_talker, formats, limits, request.stream))
-    return StreamSettings(kwargs, want_audio, options.format, stops, bool(tools), bool(request.logprobs),
+    engine_request = GenerationRequest(
+        messages=[], sampling=_sampling(request, max_tokens),
+        speech=_speech(options, voices, has_talker, formats, limits, request.stream) if want_audio else None,
+        tools=tools or None, use_audio_in_video=request.use_audio_in_video,
+        response_format=_response_format(request), tool_choice=_tool_choice(request) if tools else None,
+        template=TemplateOptions(None, request.chat_template_kwargs or {}))
+    return StreamSettings(engine_request, options.format, stops, bool(tools), bool(request.logprobs),
                           request.parallel_tool_calls is not False)
+
+
+def _sampling(request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    """OpenAI's sampling fields as the thinker's: temperature 0 is greedy; either of temperature / top_p samples;
+    neither leaves the checkpoint's generation_config in charge."""
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    if request.temperature == 0:
+        return SamplingParams(max_new_tokens=max_tokens, do_sample=False, seed=request.seed, logprobs=logprobs)
+    samples = True if request.temperature is not None or request.top_p is not None else None
+    return SamplingParams(max_new_tokens=max_tokens, do_sample=samples, temperature=request.temperature,
+                          top_p=request.top_p, seed=request.seed, logprobs=logprobs)
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
@@ -165,18 +169,21 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
                               code="unsupported_parameter")
 
 
-def _tool_choice(request: ChatCompletionRequest) -> dict:
-    """tool_choice as Omni's: "required" and a named function force a call (a grammar); "auto" leaves it free."""
+def _tool_choice(request: ChatCompletionRequest) -> ToolChoice | None:
+    """tool_choice as the engine's: "required" and a named function force a call (a grammar); "auto" (None)
+    leaves it free."""
     choice, parallel = request.tool_choice, request.parallel_tool_calls is not False
     if choice is None or choice == "auto":
-        return {}
+        return None
     if choice == "required":
-        return {"tool_choice": ToolChoice("required", parallel=parallel)}
-    return {"tool_choice": ToolChoice(function=choice.function.name)}
+        return ToolChoice("required", parallel=parallel)
+    return ToolChoice(function=choice.function.name)
 
 
-def _response_format(request: ChatCompletionRequest) -> ResponseFormat:
+def _response_format(request: ChatCompletionRequest) -> ResponseFormat | None:
     form = request.response_format
+    if form is None or form.type == "text":
+        return None
     if form.type == "json_object":
         return ResponseFormat("json_object")
     return ResponseFormat("json_schema", form.json_schema.schema_ if form.json_schema.schema_ is not None
@@ -184,7 +191,9 @@ def _response_format(request: ChatCompletionRequest) -> ResponseFormat:
 
 
 def _speech(options: AudioOptions, voices: list[str], has_talker: bool, formats: tuple[str, ...],
-            limits: ServerLimits, stream: bool) -> dict:
+            limits: ServerLimits, stream: bool) -> SpeechParams:
+    """audio: {voice, format, max_seconds} as the talker's. Without max_seconds the runaway-speech guard bounds the
+    reply by its text (requests.py), and the server's max_audio_output_seconds caps it either way."""
     if not has_talker:
         raise bad_request("audio output was requested but this model has no talker (text only)",
                           param="modalities", code="audio_unsupported")
@@ -192,15 +201,13 @@ def _speech(options: AudioOptions, voices: list[str], has_talker: bool, formats:
         usable = [f for f in formats if not stream or f in ("pcm16", "wav")]
         raise bad_request(f"audio format {options.format!r} is not available{' when streaming' if stream else ''}; "
                           f"use one of {', '.join(usable)}", param="audio.format", code="unsupported_format")
-    out: dict = {}
-    if options.voice is not None:
-        if options.voice.lower() not in voices:
-            raise bad_request(f"unknown voice {options.voice[:64]!r}; this model has {', '.join(voices)}",
-                              param="audio.voice", code="invalid_voice")
-        out["voice"] = options.voice.lower()
-    seconds = min(options.max_seconds or limits.max_audio_output_seconds, limits.max_audio_output_seconds)
-    out["talker"] = {"max_new_tokens": math.ceil(seconds * CODEC_FRAMES_PER_SECOND) + 1}
-    return out
+    if options.voice is not None and options.voice.lower() not in voices:
+        raise bad_request(f"unknown voice {options.voice[:64]!r}; this model has {', '.join(voices)}",
+                          param="audio.voice", code="invalid_voice")
+    ceiling = limits.max_audio_output_seconds
+    return SpeechParams(voice=options.voice.lower() if options.voice is not None else None,
+                        max_seconds=None if options.max_seconds is None else min(options.max_seconds, ceiling),
+                        ceiling_seconds=ceiling)
 
 
 def _offered_tools(request: ChatCompletionRequest) -> list[dict]:

@@ -42,7 +42,7 @@ async def submit(worker: EngineWorker, omni: Omni, messages: list, settings: Str
     """The request typed, its prompt prepared (media decoded, tokens counted) off the event loop and off the
     engine's thread, then handed to the engine. Input errors surface here, before any reply."""
     try:
-        request = omni.request(messages, **settings.stream_kwargs)
+        request = settings.for_messages(messages)
         prompt = await run_in_threadpool(omni.prepare, request.messages, request.use_audio_in_video, request.tools,
                                          request.template)
     except InputError as error:

@@ -13,6 +13,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..requests import GenerationRequest, SamplingParams
 from .chat import StreamSettings, require_model
 from .completions import Reply, complete, job_events, prefetched, submit
 from .errors import bad_request
@@ -48,9 +49,9 @@ def add_transcription_route(app: FastAPI, state, responses: dict) -> None:
         if not data:
             raise bad_request("file: the upload is empty", param="file", code="invalid_audio")
         samples, rate = await run_in_threadpool(checked_audio, data, "file", limits)
-        kwargs = {"max_new_tokens": limits.default_max_tokens, "return_audio": False, "use_audio_in_video": False}
-        kwargs.update({"do_sample": True, "temperature": temperature} if temperature else {"do_sample": False})
-        settings = StreamSettings(kwargs, want_audio=False, audio_format="wav", stops=(), tools_offered=False)
+        sampling = SamplingParams(max_new_tokens=limits.default_max_tokens, do_sample=bool(temperature),
+                                  temperature=temperature or None)
+        settings = StreamSettings(GenerationRequest([], sampling), audio_format="wav", stops=(), tools_offered=False)
         job = await submit(state.worker, state.omni, asr_messages(samples, rate, language, prompt), settings, limits)
         events = await prefetched(job_events(job, request))
         reply = await complete(events, Reply(settings, 24000), state.served_name)
