@@ -77,7 +77,7 @@ Default model: the built-in random demo checkpoint. Stop with Ctrl-C (requests i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DEMO_MAX_TOKENS, DEMO_SPEECH_SECONDS
+    from .demo import DEMO_FAMILIES, DEMO_MAX_TOKENS, DEMO_SPEECH_SECONDS
 
     parser = argparse.ArgumentParser(prog="thinktalk", description="Run Qwen3-Omni (Thinker-Talker) models.")
     parser.add_argument("--version", action="version", version=_version())
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the whole pipeline (audio + image in, text + speech out) on the "
                                             "built-in random demo checkpoint")
     demo.add_argument("--text", default=None, help="the user's message")
+    demo.add_argument("--family", choices=DEMO_FAMILIES, default=DEMO_FAMILIES[0],
+                      help="the demo checkpoint's model family: Qwen3-Omni (default) or Qwen2.5-Omni")
     demo.add_argument("--out", default=None, metavar="WAV",
                       help="write the spoken reply to this WAV file (default: none; the speech is made and timed)")
     add_speech_options(demo, max_seconds=DEMO_SPEECH_SECONDS)
@@ -186,8 +188,10 @@ def cmd_demo(args) -> None:
         args.threads = 1  # the demo model is tiny: one thread beats several (no OpenMP hand-offs)
     if args.seed is None:
         args.seed = 0  # the same demo every time
-    print(DEMO_NOTICE, file=sys.stderr)
-    omni = Omni.from_pretrained(ensure_demo_checkpoint(), device="cpu", dtype="float32")
+    from .demo_qwen2_5 import QWEN2_5_DEMO_NOTICE
+
+    print(DEMO_NOTICE if args.family == "qwen3" else QWEN2_5_DEMO_NOTICE, file=sys.stderr)
+    omni = Omni.from_pretrained(ensure_demo_checkpoint(family=args.family), device="cpu", dtype="float32")
     messages = demo_messages(args.text)
     print("user: [a 2-second tone] [a 64x64 noise image] " + messages[-1]["content"][-1]["text"])
     print("assistant: ", end="", flush=True)
@@ -224,9 +228,15 @@ def cmd_chat(args, read=input) -> None:
 
 def cmd_info(args) -> None:
     from .config import load_config
+    from .config_qwen2_5 import MODEL_TYPE as QWEN2_5_MODEL_TYPE, checkpoint_model_type
     from .omni import resolve_checkpoint
 
     path = resolve_checkpoint(_resolve_model(args))
+    if checkpoint_model_type(path) == QWEN2_5_MODEL_TYPE:
+        from .qwen2_5_omni import describe_checkpoint
+
+        print("\n".join(describe_checkpoint(path)))
+        return
     cfg = load_config(path)
     text = cfg.thinker.text
     variant = "Instruct (text and speech out)" if cfg.has_audio_output else "thinker only (text out)"

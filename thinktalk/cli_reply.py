@@ -99,7 +99,7 @@ def stream_reply(omni, messages: list, args, wav_path: str | None, speak: bool |
                                 use_audio_in_video=getattr(args, "use_audio_in_video", False))
     events = omni.stream(request)
     start, first_audio, result = time.perf_counter(), None, None
-    writer = WavWriter(wav_path, omni.cfg.code2wav.sample_rate) if wav_path is not None else None
+    writer = WavWriter(wav_path, omni.sample_rate) if wav_path is not None else None
     try:
         for event in events:
             if isinstance(event, TextDelta):

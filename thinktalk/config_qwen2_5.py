@@ -406,6 +406,28 @@ def parse_qwen2_5_config(data: dict, file: Path | str = "config.json", generatio
         talker_sampling=talker_sampling, stop_token_ids=stops)
 
 
+# The families a checkpoint's config.json may name, by model_type.
+FAMILIES = {"qwen3_omni_moe": "Qwen3-Omni", MODEL_TYPE: "Qwen2.5-Omni"}
+# Sections only a Qwen2.5-Omni config.json has: a qwen3_omni_moe config holding one was mixed up.
+QWEN2_5_ONLY_SECTIONS = {"token2wav_config": "Qwen2.5-Omni's Token2Wav section (qwen2_5_omni)"}
+
+
+def checkpoint_model_type(checkpoint_dir: Path | str) -> str:
+    """config.json's model_type when it names a supported family (FAMILIES) and holds no section of the other
+    family; else a ConfigError naming the field, the value and what is supported."""
+    data, file, _, _ = read_checkpoint_configs(checkpoint_dir, " or ".join(FAMILIES.values()))
+    f = FieldReader(data, file)
+    model_type = f.str("model_type", "")
+    if model_type not in FAMILIES:
+        supported = ", ".join(f"{name!r} ({family})" for name, family in FAMILIES.items())
+        raise f.fail("model_type", f"is {model_type!r}; thinktalk runs {supported}")
+    if model_type != MODEL_TYPE:
+        for section, what in QWEN2_5_ONLY_SECTIONS.items():
+            if f.has(section):
+                raise f.fail(section, f"is {what}, but model_type is {model_type!r} (mixed-up config.json?)")
+    return model_type
+
+
 def load_qwen2_5_config(checkpoint_dir: Path | str) -> Qwen25OmniConfig:
     """Parse `config.json` (and `generation_config.json` when present) of a Qwen2.5-Omni checkpoint directory."""
     return parse_qwen2_5_config(*read_checkpoint_configs(checkpoint_dir, "Qwen2.5-Omni"))

@@ -72,15 +72,23 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser()
 
 
-def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
-    """The demo checkpoint's directory, built on first use."""
-    target = (cache_dir or default_cache_dir()) / f"demo-v{DEMO_VERSION}"
+DEMO_FAMILIES = ("qwen3", "qwen2.5")  # thinktalk demo --family: Qwen3-Omni (the default) or Qwen2.5-Omni
+
+
+def ensure_demo_checkpoint(cache_dir: Path | None = None, family: str = "qwen3") -> Path:
+    """The demo checkpoint's directory, built on first use (`family`: one of DEMO_FAMILIES)."""
+    from .demo_qwen2_5 import QWEN2_5_DEMO_VERSION, write_qwen2_5_demo_checkpoint
+
+    assert family in DEMO_FAMILIES, family
+    name = f"demo-v{DEMO_VERSION}" if family == "qwen3" else f"demo-qwen2.5-v{QWEN2_5_DEMO_VERSION}"
+    write = write_demo_checkpoint if family == "qwen3" else write_qwen2_5_demo_checkpoint
+    target = (cache_dir or default_cache_dir()) / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
     try:
-        write_demo_checkpoint(staging)
+        write(staging)
         os.replace(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import OmniConfig, load_config
+from .config_qwen2_5 import MODEL_TYPE as QWEN2_5_MODEL_TYPE, checkpoint_model_type
 from .engine import memory
 from .engine.scheduler import Scheduler, SchedulerOptions
 from .engine.thinker_batch import DEFAULT_MAX_LEN, PrivateRows, ThinkerBatch, check_batching
@@ -46,6 +47,7 @@ __all__ = ["AudioChunk", "DEFAULT_MAX_LEN", "Done", "GenerationResult", "Omni", 
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 DEFAULT_VOICE = "ethan"  # the reference's default speaker
+DEFAULT_SAMPLE_RATE = 24000  # a thinker-only checkpoint's (its speech would be at the talker's 24 kHz)
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -110,6 +112,11 @@ class Omni:
         checkpoint tensor by tensor as it loads. A quantized checkpoint (FP8, compressed-tensors, GPTQ, AutoRound)
         is recognised from its config and loads in its own form, without this."""
         directory = resolve_checkpoint(path)
+        if checkpoint_model_type(directory) == QWEN2_5_MODEL_TYPE:  # the other family: qwen2_5_omni.py
+            from .qwen2_5_omni import Qwen25Omni
+
+            return Qwen25Omni.load(directory, device, dtype, audio_output, show_progress, allow_remote_media,
+                                   quantize)
         cfg = load_config(directory)
         quantization = quantization_for(cfg, directory / "config.json", quantize)
         device, dtype = _pick_device_and_dtype(device, dtype, quantized=quantization is not None)
@@ -239,6 +246,11 @@ class Omni:
     def default_voice(self) -> str:
         names = self.voices
         return DEFAULT_VOICE if DEFAULT_VOICE in names else (names[0] if names else DEFAULT_VOICE)
+
+    @property
+    def sample_rate(self) -> int:
+        """Of the speech this model makes (24 kHz for both families)."""
+        return self.cfg.code2wav.sample_rate if self.cfg.code2wav is not None else DEFAULT_SAMPLE_RATE
 
     @property
     def voices(self) -> list[str]:

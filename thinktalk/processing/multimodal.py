@@ -198,15 +198,24 @@ class _PromptBuilder:
         if kind not in MEDIA_KINDS:
             raise PromptError(f"{where}: unknown part type {kind!r}; expected text, image, audio or video")
         source = _resolve_source(_media_value(part, kind, where), self.options, where)
-        if kind == "audio":
-            item = prepare_audio(source, self.options, self.cfg)
-        elif kind == "image":
-            patches, grid = image_patches(source, self.options.vision)
-            item = ImageItem(patches, tuple(int(x) for x in grid.reshape(-1).tolist()))
-        else:
-            item = prepare_video(source, self.options, self.cfg, self.use_audio_in_video)
-        self.pending[kind].append(item)
+        self.pending[kind].append(self.prepare_item(kind, source))
         return PromptText().builder(self.placeholder[kind])
+
+    def prepare_item(self, kind: str, source: Any) -> AudioItem | ImageItem | VideoItem:
+        """One media part's features (a family's builder overrides this and the two hooks below)."""
+        if kind == "audio":
+            return prepare_audio(source, self.options, self.cfg)
+        if kind == "image":
+            patches, grid = image_patches(source, self.options.vision)
+            return ImageItem(patches, tuple(int(x) for x in grid.reshape(-1).tolist()))
+        return prepare_video(source, self.options, self.cfg, self.use_audio_in_video)
+
+    def pad_ids(self) -> dict[str, int]:
+        """Each media kind's placeholder token id."""
+        return {"image": self.cfg.image_token_id, "audio": self.cfg.audio_token_id, "video": self.cfg.video_token_id}
+
+    def merge_size(self) -> int:
+        return self.cfg.vision.spatial_merge_size
 
     def render(self, messages: list, add_generation_prompt: bool, tools: list | None = None) -> PromptText:
         if not isinstance(messages, list) or not messages:
@@ -254,9 +263,8 @@ class _PromptBuilder:
         return out.builder("" if next_is_tool else f"{self.template.im_end}\n")
 
     def expand(self, ids: list[int]) -> PreparedPrompt:
-        cfg, merge = self.cfg, self.cfg.vision.spatial_merge_size
-        queues = {cfg.image_token_id: ("image", self.pending["image"]), cfg.audio_token_id: ("audio",
-                  self.pending["audio"]), cfg.video_token_id: ("video", self.pending["video"])}
+        merge = self.merge_size()
+        queues = {token: (kind, self.pending[kind]) for kind, token in self.pad_ids().items()}
         out = PreparedPrompt([], use_audio_in_video=self.use_audio_in_video)
         for token in ids:
             if token not in queues:

@@ -89,7 +89,7 @@ def create_app(omni: Omni, served_model_name: str | None = None, api_key: str | 
     local = Path(allowed_local_media_path).expanduser().resolve(strict=True) if allowed_local_media_path else None
     if local is not None and not local.is_dir():
         raise NotADirectoryError(f"--allowed-local-media-path {local}: not a folder")
-    sample_rate = omni.cfg.code2wav.sample_rate if omni.model.talker is not None else 24000
+    sample_rate = omni.sample_rate
     state = ServerState(
         omni=omni, served_name=served_model_name or omni.path.name,
         worker=EngineWorker(omni, limits.max_active or rows or UNBATCHED_ACTIVE, limits.max_queued),
