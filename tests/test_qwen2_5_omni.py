@@ -235,3 +235,31 @@ def test_server_chat_completions_text_and_audio(server):
     bad = httpx.post(server + "/v1/chat/completions", timeout=120, json={
         **body, "modalities": ["text", "audio"], "audio": {"voice": "aiden", "format": "wav"}})
     assert bad.status_code == 400 and "chelsie, ethan" in bad.text
+
+
+def test_realtime_socket_speaks_a_text_turn(omni):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from thinktalk.serve.realtime import realtime_router
+
+    app = FastAPI()
+    app.include_router(realtime_router(omni, defaults={"max_output_tokens": 6, "talker_max_new_tokens": 6, "seed": 0}))
+    with TestClient(app) as client, client.websocket_connect("/v1/realtime") as ws:
+        created = json.loads(ws.receive_text())
+        assert created["type"] == "session.created" and created["session"]["audio"]["output"]["voice"] == "chelsie"
+        ws.send_text(json.dumps({"type": "session.update", "session": {
+            "type": "realtime", "output_modalities": ["audio"], "audio": {"input": {"turn_detection": None},
+                                                                          "output": {"voice": "ethan"}}}}))
+        assert json.loads(ws.receive_text())["type"] == "session.updated"
+        ws.send_text(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}}))
+        assert json.loads(ws.receive_text())["type"] == "conversation.item.created"
+        ws.send_text(json.dumps({"type": "response.create"}))
+        events = []
+        while not events or events[-1]["type"] != "response.done":
+            events.append(json.loads(ws.receive_text()))
+            assert events[-1]["type"] != "error", events[-1]
+    audio = [e for e in events if e["type"] == "response.output_audio.delta"]
+    samples = sum(len(__import__("base64").b64decode(e["delta"])) // 2 for e in audio)
+    assert events[-1]["response"]["status"] == "completed" and samples == 20 * 480  # 0.4 s: 20 codec tokens
