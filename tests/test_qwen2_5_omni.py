@@ -263,3 +263,35 @@ def test_realtime_socket_speaks_a_text_turn(omni):
     audio = [e for e in events if e["type"] == "response.output_audio.delta"]
     samples = sum(len(__import__("base64").b64decode(e["delta"])) // 2 for e in audio)
     assert events[-1]["response"]["status"] == "completed" and samples == 20 * 480  # 0.4 s: 20 codec tokens
+
+
+def test_a_thinker_only_config_loads_without_the_speech_side(ckpt, tmp_path):
+    for item in ckpt.path.iterdir():
+        if item.name != "config.json":
+            (tmp_path / item.name).symlink_to(item)
+    config = json.loads((ckpt.path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "enable_audio_output": False}))
+    omni = Omni.from_pretrained(tmp_path, device="cpu", dtype="float32")
+    assert omni.model.talker is None and omni.model.token2wav is None and omni.voices == []
+    assert omni.generate(MESSAGES, max_new_tokens=3).audio is None  # text by default
+    with pytest.raises(RequestError, match="no talker"):
+        omni.generate(MESSAGES, return_audio=True, max_new_tokens=3)
+    muted = Omni.from_pretrained(ckpt.path, device="cpu", dtype="float32", audio_output=False)
+    with pytest.raises(RequestError, match="loaded with audio_output=False"):
+        muted.generate(MESSAGES, return_audio=True, max_new_tokens=3)
+
+
+def test_a_cancelled_stream_is_dropped_and_the_next_one_runs(ckpt):
+    omni = Omni.from_pretrained(ckpt.path, device="cpu", dtype="float32")
+    omni.enable_scheduler()
+    first_events, second_events = [], []
+    first = omni.submit(spoken(40, 1.0), first_events.append)
+    omni.submit(GenerationRequest(MESSAGES, SamplingParams(max_new_tokens=4, do_sample=False)), second_events.append)
+    while not any(isinstance(e, AudioChunk) for e in first_events) and omni.iterate():
+        pass
+    assert not second_events  # one stream at a time: the second waits for the first
+    first.cancel()
+    while omni.iterate():
+        pass
+    assert not omni.busy and not isinstance(first_events[-1], Done)
+    assert isinstance(second_events[-1], Done) and len(second_events[-1].result.token_ids) == 4

@@ -33,7 +33,7 @@ from .errors import RequestError
 from .events import Event
 from .models.qwen2_5.omni import SPEECH_PREFIXES, Qwen25OmniModel
 from .models.qwen2_5.voices import DEFAULT_VOICE, VoiceBank, VoiceError, load_voices
-from .omni import Omni, _pick_device_and_dtype
+from .omni import DEFAULT_SAMPLE_RATE, Omni, _pick_device_and_dtype
 from .processing.chat_template import TemplateOptions
 from .processing.multimodal import PreparedPrompt
 from .processing.qwen2_5_prompt import build_qwen2_5_prompt, qwen2_5_media_options, with_speech_system_prompt
@@ -86,7 +86,7 @@ class Qwen25Omni(Omni):
 
     @property
     def sample_rate(self) -> int:
-        return self.cfg.token2wav.sample_rate if self.cfg.token2wav is not None else super().sample_rate
+        return self.cfg.token2wav.sample_rate if self.cfg.token2wav is not None else DEFAULT_SAMPLE_RATE
 
     @property
     def voices(self) -> list[str]:
