@@ -94,6 +94,50 @@ def test_greedy_text_equals_the_reference(omni, ckpt, monkeypatch):
     assert result.audio is None and result.usage.prompt_tokens == len(ids)
 
 
+def reference_media_kwargs(prompt) -> dict:
+    """The reference thinker's inputs for a PreparedPrompt: the same features, patches and grids."""
+    ids = torch.tensor([prompt.token_ids])
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_audio_in_video=prompt.use_audio_in_video)
+    if prompt.audios:
+        longest = max(a.features.shape[1] for a in prompt.audios)
+        kwargs["input_features"] = torch.stack([torch.nn.functional.pad(a.features, (0, longest - a.features.shape[1]))
+                                                for a in prompt.audios])
+        kwargs["feature_attention_mask"] = torch.stack([torch.arange(longest) < a.features.shape[1]
+                                                        for a in prompt.audios]).long()
+    if prompt.images:
+        kwargs["pixel_values"] = torch.cat([i.patches for i in prompt.images])
+        kwargs["image_grid_thw"] = torch.tensor([i.grid_thw for i in prompt.images])
+    if prompt.videos:
+        kwargs["pixel_values_videos"] = torch.cat([v.patches for v in prompt.videos])
+        kwargs["video_grid_thw"] = torch.tensor([v.grid_thw for v in prompt.videos])
+        kwargs["video_second_per_grid"] = torch.tensor([v.seconds_per_grid for v in prompt.videos])
+    return kwargs
+
+
+@pytest.mark.parametrize("use_audio_in_video", [False, True])
+def test_a_prompt_with_media_gives_the_references_greedy_tokens(omni, ckpt, tmp_path, use_audio_in_video):
+    """An image, an audio clip and a video (with its sound track when use_audio_in_video) through the family's
+    prompt builder and the engine's encoders: the reference thinker, given the same features, picks the same
+    16 greedy tokens."""
+    from media import noise_image, tone, write_video
+
+    write_video(tmp_path / "clip.mp4", seconds=2.0, fps=4, size=(56, 56))
+    messages = [{"role": "user", "content": [
+        {"type": "image", "image": noise_image(84, 56)}, {"type": "audio", "audio": (tone(1.5), 16000)},
+        {"type": "video", "video": str(tmp_path / "clip.mp4")}, {"type": "text", "text": "What is this?"}]}]
+    prompt = omni.prepare(messages, use_audio_in_video)
+    layout = omni.cfg.thinker.layout
+    assert prompt.images[0].grid_thw == (1, 4, 6) and prompt.token_ids.count(layout.image_token_id) == 6
+    assert len(prompt.audios) == (2 if use_audio_in_video else 1)
+    assert prompt.token_ids.count(layout.audio_token_id) == sum(a.token_count for a in prompt.audios)
+    with torch.no_grad():
+        out = ckpt.reference.thinker.generate(**reference_media_kwargs(prompt), max_new_tokens=16, do_sample=False)
+    expected = out[0, len(prompt.token_ids):].tolist()
+    result = omni.generate(messages, return_audio=False, max_new_tokens=16, do_sample=False,
+                           use_audio_in_video=use_audio_in_video)
+    assert result.token_ids == expected and len(set(expected)) > 4
+
+
 def collect(omni, request):
     events = list(omni.stream(request))
     assert isinstance(events[-1], Done)
