@@ -220,6 +220,14 @@ def test_what_does_not_apply_yet_is_a_typed_error(omni, ckpt):
         Omni.from_pretrained(ckpt.path, device="cpu", quantize="int8")
 
 
+def test_talker_max_new_tokens_counts_codec_tokens(omni):
+    result = omni.generate(MESSAGES, max_new_tokens=8, do_sample=False, talker_do_sample=False,
+                           talker_max_new_tokens=7)
+    assert result.codes.shape == (1, 7) and result.audio.size == 7 * 480
+    with pytest.raises(RequestError, match="talker max_new_tokens must be an integer >= 1"):
+        omni.request(MESSAGES, talker={"max_new_tokens": 0})
+
+
 def test_speech_gets_the_talkers_system_prompt(omni, caplog):
     user = [{"role": "user", "content": "hi"}]
     assert omni.request(user, return_audio=True).messages[0] == {"role": "system", "content": SPEECH_SYSTEM_PROMPT}
@@ -306,7 +314,7 @@ def test_realtime_socket_speaks_a_text_turn(omni):
             assert events[-1]["type"] != "error", events[-1]
     audio = [e for e in events if e["type"] == "response.output_audio.delta"]
     samples = sum(len(__import__("base64").b64decode(e["delta"])) // 2 for e in audio)
-    assert events[-1]["response"]["status"] == "completed" and samples == 20 * 480  # 0.4 s: 20 codec tokens
+    assert events[-1]["response"]["status"] == "completed" and samples == 6 * 480  # talker_max_new_tokens 6 codes
 
 
 def test_a_thinker_only_config_loads_without_the_speech_side(ckpt, tmp_path):

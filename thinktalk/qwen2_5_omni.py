@@ -9,7 +9,7 @@ Qwen3-Omni, with this family's pieces behind them. `Omni.from_pretrained` return
 
 A spoken request without a system message is given the talker's system prompt (processing/qwen2_5_prompt.py).
 Speech budgets in seconds (SpeechParams.max_seconds) become codec tokens at 50 a second; `talker_max_new_tokens`
-counts Qwen3-Omni's 12.5 frames a second (requests.FRAMES_PER_SECOND), so its seconds mean the same length here.
+counts this family's codec tokens, as the reference's does (Qwen3-Omni's counts its 12.5-a-second frames).
 What does not apply to this family yet (engine/qwen2_5_scheduler.py): batching of several streams, chunked
 prefill, the prefix cache, compiled / captured steps, quantized weights; each is a RequestError where asked for.
 """
@@ -106,7 +106,18 @@ class Qwen25Omni(Omni):
         return build_qwen2_5_prompt(messages, self.tokenizer, self.cfg.thinker, self.media, use_audio_in_video, tools)
 
     def request(self, messages, **keywords) -> GenerationRequest:
-        request = super().request(messages, **keywords)
+        """As Omni.request; `talker_max_new_tokens` (or the `talker` dict's max_new_tokens) counts this family's
+        codec tokens (50 a second), as the reference's talker_max_new_tokens does."""
+        talker = dict(keywords.pop("talker", None) or {})
+        budget = keywords.pop("talker_max_new_tokens", None)
+        budget = talker.pop("max_new_tokens", None) if budget is None else budget
+        request = super().request(messages, talker=talker, **keywords)
+        if budget is not None and request.speech is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise RequestError(f"talker max_new_tokens must be an integer >= 1, got {budget!r}",
+                                   param="talker_max_new_tokens")
+            seconds = budget / codes_per_second(self.cfg) if self.cfg.token2wav is not None else None
+            request = dataclasses.replace(request, speech=dataclasses.replace(request.speech, max_seconds=seconds))
         spoken = with_speech_system_prompt(request.messages, request.speech is not None)
         return dataclasses.replace(request, messages=spoken)
 
