@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
@@ -253,7 +252,8 @@ def test_cli_demo_then_run_on_its_checkpoint(tmp_path):
     assert demo.returncode == 0, demo.stderr
     assert "Qwen2.5-Omni structure with RANDOM weights" in demo.stderr and "0.50 s of speech" in demo.stderr
     (checkpoint,) = [p for p in tmp_path.iterdir() if p.name.startswith("demo-qwen2.5")]
-    assert {"config.json", "model.safetensors", "spk_dict.pt", "tokenizer.json"} <= {p.name for p in checkpoint.iterdir()}
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "spk_dict.pt", "tokenizer.json"} <= files
     run = thinktalk("run", "--model", str(checkpoint), "--text", "hi", "--max-tokens", "5", "--greedy",
                     "--voice", "ethan", "--max-speech-seconds", "0.3", "--out", str(tmp_path / "reply.wav"),
                     cache=tmp_path)
