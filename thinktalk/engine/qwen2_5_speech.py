@@ -11,7 +11,9 @@ that part does not exist yet. After the reply's parts the talker reads tts_text_
 eos list), at its code budget, or at the runaway guard's bound (requests.GUARD_*), and then Token2Wav flushes.
 
 Streaming Token2Wav (models/qwen2_5/token2wav.py): the first wave comes once a chunk of DiT blocks and its
-look-ahead block of tokens has arrived (48 codes, about 1 s of speech, at the released sizes); it equals the
+look-ahead block of tokens has arrived (48 codes, about 1 s of speech, at the released sizes; a smaller first
+chunk would not help: BigVGAN's right context is 45 mel frames, so a chunk of 1 block could give no samples and one of
+2 blocks 3 frames); it equals the
 one-shot decode from the same initial noise (`BlockNoise`, seeded by the request) for a reply that fits the first
 window, and differs from it by the tokens outside each window otherwise (measured in tests/test_qwen2_5_omni.py).
 """
