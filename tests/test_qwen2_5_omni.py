@@ -335,7 +335,7 @@ def test_a_thinker_only_config_loads_without_the_speech_side(ckpt, tmp_path):
 
 def test_a_cancelled_stream_is_dropped_and_the_next_one_runs(ckpt):
     omni = Omni.from_pretrained(ckpt.path, device="cpu", dtype="float32")
-    omni.enable_scheduler()
+    omni.enable_scheduler(1)  # one stream at a time
     first_events, second_events = [], []
     first = omni.submit(spoken(40, 1.0), first_events.append)
     omni.submit(GenerationRequest(MESSAGES, SamplingParams(max_new_tokens=4, do_sample=False)), second_events.append)
@@ -347,3 +347,25 @@ def test_a_cancelled_stream_is_dropped_and_the_next_one_runs(ckpt):
         pass
     assert not omni.busy and not isinstance(first_events[-1], Done)
     assert isinstance(second_events[-1], Done) and len(second_events[-1].result.token_ids) == 4
+
+
+def test_concurrent_streams_interleave_and_each_equals_its_solo_run(ckpt, omni):
+    """Two spoken requests on the persistent scheduler: both are under way before either ends, and each gets the
+    tokens, codes and wave it gets alone."""
+    requests = [spoken(30, 0.6), GenerationRequest([{"role": "user", "content": "Another question entirely."}],
+                                                   SamplingParams(max_new_tokens=20, do_sample=False, seed=3),
+                                                   SpeechParams(do_sample=False, max_seconds=0.5))]
+    alone = [omni.generate(r) for r in requests]
+    shared = Omni.from_pretrained(ckpt.path, device="cpu", dtype="float32")
+    shared.enable_scheduler(2)
+    logs = [[], []]
+    streams = [shared.submit(request, log.append) for request, log in zip(requests, logs)]
+    while shared.iterate():
+        pass
+    assert not shared.busy and all(isinstance(log[-1], Done) for log in logs)
+    for log, solo in zip(logs, alone):
+        result = log[-1].result
+        assert result.token_ids == solo.token_ids and torch.equal(result.codes, solo.codes)
+        np.testing.assert_array_equal(result.audio, solo.audio)
+    served = [{r.iteration for r in shared.scheduler.log if r.streams == (s.id,)} for s in streams]
+    assert len(served[0] & served[1]) > 10  # the same iterations advanced both streams

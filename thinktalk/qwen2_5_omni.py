@@ -43,7 +43,8 @@ from .requests import GenerationRequest, SpeechParams, resolve_sampling
 from .weights import load_weights, materialize
 
 log = logging.getLogger("thinktalk")
-NOT_YET = "does not apply to Qwen2.5-Omni checkpoints yet (their streams run one at a time)"
+NOT_YET = "does not apply to Qwen2.5-Omni checkpoints yet (their streams interleave but share no steps)"
+CONCURRENT_STREAMS = 4  # the persistent scheduler's streams at once when not told (each has caches of its own)
 TALKER_OPTIONS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 SEED_RANGE = 2**63  # a fresh noise seed when the request gives none
 
@@ -127,22 +128,22 @@ class Qwen25Omni(Omni):
 
     def enable_scheduler(self, rows: int = 0, max_len: int | None = DEFAULT_MAX_LEN, compile: bool = False,
                          talker_max_len: int | None = None, prefix_cache_bytes: int = 0, prefill_chunk=None) -> None:
-        """The persistent scheduler (the server's): streams run one at a time; the batching options are unused."""
+        """The persistent scheduler (the server's): `rows` streams (0: CONCURRENT_STREAMS) interleave, each on caches
+        of its own; max_len, talker_max_len and prefill_chunk do not apply."""
         if compile:
             raise RequestError(f"compile=True: compiled steps {NOT_YET}", param="compile")
-        if rows or prefix_cache_bytes:
-            log.warning("Qwen2.5-Omni: batch rows (%d) and the prefix cache (%d bytes) %s", rows,
-                        prefix_cache_bytes, NOT_YET)
-        self._scheduler = Qwen25Scheduler(self.model, self.cfg)
+        if prefix_cache_bytes:
+            log.warning("Qwen2.5-Omni: the prefix cache (%d bytes) %s", prefix_cache_bytes, NOT_YET)
+        self._scheduler = Qwen25Scheduler(self.model, self.cfg, rows or CONCURRENT_STREAMS)
 
     def planned_max_len(self, rows: int) -> int:
         return DEFAULT_MAX_LEN
 
-    def planned_rows(self, max_len: int, most: int = 1) -> int:
-        return 1  # one stream runs at a time
+    def planned_rows(self, max_len: int, most: int = CONCURRENT_STREAMS) -> int:
+        return min(most, CONCURRENT_STREAMS)
 
     def _scheduler_for(self, requests, prompts) -> Qwen25Scheduler:
-        return Qwen25Scheduler(self.model, self.cfg)
+        return Qwen25Scheduler(self.model, self.cfg, len(requests))
 
     def _spec(self, request: GenerationRequest, prompt: PreparedPrompt, sink: Callable[[Event], None]):
         cfg, tokenizer = self.cfg, self.tokenizer

@@ -2,19 +2,20 @@
 thread, `iterate()` on one, events to each stream's sink, `cancel()` from anywhere), so Omni.generate / stream /
 submit, the server's worker and the Realtime socket drive it unchanged.
 
-Each `iterate()` does ONE unit of work for the stream at the head of the queue:
-    1. take new submissions, drop cancelled streams
+Each `iterate()` does ONE unit of work for every admitted stream (at most `concurrent` of them, oldest first;
+the others wait in order):
+    1. take new submissions, drop cancelled streams, admit waiting ones while there is room
     2. encoding    one media item through its encoder
        prefill     the whole prompt (Started, then the first TextDelta)
        running     one thinker decode step (a TextDelta; its reply part goes to the talker), and for a spoken
                    reply the talker's prefill once part 0 exists, else ONE talker step + Token2Wav for every
                    codec token whose text part exists (an AudioChunk whenever Token2Wav finishes a block)
-    3. a finished stream: Done; the next one starts at the next iteration
+    3. a finished stream: Done; a waiting one takes its place at the next iteration
 Text leads speech by construction: talker step k needs the reply part the thinker's step k made.
 
-Not yet for Qwen2.5-Omni (one stream at a time is exact and streams, but does not share steps):
-  - batching: streams run one after another, each with caches of its own; `rows` / `talker_rows` are not used
-    (Omni.enable_batching says so with a RequestError; the server's scheduler runs them in order);
+Not yet for Qwen2.5-Omni (concurrent streams interleave their units, each exact, but share no steps):
+  - batching: each stream runs its own batch-1 thinker, talker and Token2Wav with caches of its own, so N
+    concurrent streams cost N times the steps (Omni.enable_batching is a RequestError; the server interleaves);
   - chunked prefill, the conversation prefix cache, compiled or CUDA-graph decode steps;
   - quantize-on-load and quantized checkpoints (Omni.from_pretrained refuses them for this family).
 """
@@ -94,11 +95,13 @@ class Qwen25Stream:
 
 
 class Qwen25Scheduler:
-    def __init__(self, model: Qwen25OmniModel, cfg: Qwen25OmniConfig):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: Qwen25OmniModel, cfg: Qwen25OmniConfig, concurrent: int = 1):
+        assert concurrent >= 1, concurrent
+        self.model, self.cfg, self.concurrent = model, cfg, concurrent
         self.shared = None  # no shared thinker rows (see the module doc)
         self.speaker = None
         self.waiting: collections.deque[Qwen25Stream] = collections.deque()
+        self.running: list[Qwen25Stream] = []  # admitted, oldest first: each gets one unit per iteration
         self._submitted: collections.deque[Qwen25Stream] = collections.deque()
         self._lock = threading.Lock()
         self._ids = 0
@@ -119,11 +122,12 @@ class Qwen25Scheduler:
     @property
     def busy(self) -> bool:
         with self._lock:
-            return bool(self._submitted or self.waiting)
+            queued = bool(self._submitted)
+        return queued or bool(self.waiting or self.running)
 
     @property
     def active(self) -> int:
-        return 1 if self.waiting and self.waiting[0].phase is not Phase.WAITING else 0
+        return len(self.running)
 
     # -- the scheduler's thread ----------------------------------------------------------------------------------
 
@@ -132,16 +136,18 @@ class Qwen25Scheduler:
             self.waiting.extend(self._submitted)
             self._submitted.clear()
         self.drop_cancelled()
-        if not self.waiting:
+        while self.waiting and len(self.running) < self.concurrent:
+            self.running.append(self.waiting.popleft())
+        if not self.running:
             return False
         self.iteration += 1
-        stream = self.waiting[0]
-        try:
-            self._work(stream)
-        except Cancelled:
-            self._release(stream)
-        except Exception as error:  # noqa: BLE001 (the stream's own failure, reported on it)
-            self._fail(stream, error)
+        for stream in list(self.running):
+            try:
+                self._work(stream)
+            except Cancelled:
+                self._release(stream)
+            except Exception as error:  # noqa: BLE001 (the stream's own failure, reported on it)
+                self._fail(stream, error)
         return True
 
     def run_until_done(self, stream: Qwen25Stream) -> None:
@@ -153,7 +159,7 @@ class Qwen25Scheduler:
             for stream in [s for s in self._submitted if s.cancelled]:
                 self._submitted.remove(stream)
                 stream.phase = Phase.DONE
-        for stream in [s for s in self.waiting if s.cancelled]:
+        for stream in [s for s in list(self.waiting) + self.running if s.cancelled]:
             self._release(stream)
 
     def _record(self, kind: str, stream: Qwen25Stream, positions: int = 0) -> None:
@@ -245,8 +251,9 @@ class Qwen25Scheduler:
 
     def _release(self, stream: Qwen25Stream) -> None:
         stream.thinker = stream.sampler = stream.speech = None  # their caches go with them
-        if stream in self.waiting:
-            self.waiting.remove(stream)
+        for queue in (self.waiting, self.running):
+            if stream in queue:
+                queue.remove(stream)
         stream.phase = Phase.DONE
 
 
