@@ -369,3 +369,12 @@ def test_concurrent_streams_interleave_and_each_equals_its_solo_run(ckpt, omni):
         np.testing.assert_array_equal(result.audio, solo.audio)
     served = [{r.iteration for r in shared.scheduler.log if r.streams == (s.id,)} for s in streams]
     assert len(served[0] & served[1]) > 10  # the same iterations advanced both streams
+
+
+def test_in_bfloat16_token2wav_stays_float32(ckpt):
+    omni = Omni.from_pretrained(ckpt.path, device="cpu", dtype="bfloat16")
+    assert omni.dtype == torch.bfloat16 and omni.model.talker.codec_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in omni.model.token2wav.parameters()} == {torch.float32}
+    result = omni.generate(MESSAGES, max_new_tokens=6, do_sample=False, talker_do_sample=False,
+                           talker_max_new_tokens=30)
+    assert result.audio.dtype == np.float32 and result.audio.size == result.codes.shape[1] * 480 > 0

@@ -44,6 +44,7 @@ from .weights import load_weights, materialize
 
 log = logging.getLogger("thinktalk")
 NOT_YET = "does not apply to Qwen2.5-Omni checkpoints yet (their streams interleave but share no steps)"
+TOKEN2WAV_DTYPE = torch.float32  # the DiT's ODE and the vocoder, as the reference computes them
 CONCURRENT_STREAMS = 4  # the persistent scheduler's streams at once when not told (each has caches of its own)
 TALKER_OPTIONS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 SEED_RANGE = 2**63  # a fresh noise seed when the request gives none
@@ -79,6 +80,8 @@ class Qwen25Omni(Omni):
         with torch.device("meta"):
             model = Qwen25OmniModel(cfg, audio_output=audio_output)
         model = materialize(model, device, dtype).eval()
+        if model.token2wav is not None:  # the reference runs Token2Wav in float32 whatever the model's dtype
+            model.token2wav.to(TOKEN2WAV_DTYPE)  # still empty: load_weights casts each tensor to its target's dtype
         load_weights(model, directory, device, dtype, skip_prefixes=() if audio_output else SPEECH_PREFIXES,
                      show_progress=show_progress)
         return cls(cfg, model, tokenizer, directory, qwen2_5_media_options(directory, allow_remote_media), voices)
