@@ -206,7 +206,7 @@ class Qwen25Scheduler:
                 stream.speech = Qwen25SpeechRun(self.model, stream.spec.speech, stream.thinker, stream.tokens[0],
                                                 part)
                 self._record("talker_prefill", stream, stream.prompt_tokens + 2)
-            else:
+            elif not stream.speech.done:  # a talker that has ended needs no more text
                 stream.speech.push_part(part)
         self._push_token(stream, token)
 
