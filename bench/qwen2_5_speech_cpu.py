@@ -74,7 +74,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = tiny_config_dict()
     reference = build_reference(config, seed=0)
-    directory = Path(tempfile.mkdtemp(prefix="qwen2_5_bench_")) / "ckpt"
+    scratch = tempfile.TemporaryDirectory(prefix="qwen2_5_bench_")  # removed when the run ends
+    directory = Path(scratch.name) / "ckpt"
     save_reference(reference, directory, random_voices(config, seed=3))
     pass_talker_mask_(reference)  # the reference's own defect (checkpoints_qwen2_5.py): give its talker the mask
     build_qwen2_5_tokenizer_files(directory)
@@ -95,6 +96,7 @@ def main() -> None:
     print(f"{'thinktalk':10} {first:14.3f} {total:9.3f} {total / audio:7.3f}")
     print(f"{'reference':10} {ref_total:14.3f} {ref_total:9.3f} {ref_total / ref_audio:7.3f}")
     print(f"{'ratio':10} {ref_total / first:13.1f}x {ref_total / total:8.1f}x")
+    scratch.cleanup()
 
 
 if __name__ == "__main__":
