@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import copy
 import functools
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,14 +24,13 @@ import torch
 from checkpoints import strengthen_
 from torch import nn
 
+from thinktalk.demo_qwen2_5 import randomize_token2wav_
+
 VOICES = ("Chelsie", "Ethan")  # the released voices; the first is the reference's default
 VOICE_BOS_TOKENS = {"Chelsie": 151870, "Ethan": 151871}  # text ids the talker is prompted with, one per voice
 REFERENCE_MEL_FRAMES = 40  # frames of each voice's reference mel (the released ones are longer; any length works)
 
 # Token2Wav gains of the tiny random model (see strengthen_token2wav_).
-DIT_GATE_SCALE = 0.3  # AdaLN-Zero gates: residual branches count without letting 4 layers blow up the state
-VOCODER_STAGE_GAIN = 0.6  # per upsampling stage of BigVGAN
-VOCODER_OUTPUT_GAIN = 0.15  # last conv, so the wave stays mostly inside the clamp
 
 
 def _mrope(section: list[int]) -> dict:
@@ -77,33 +75,10 @@ def tiny_config_dict(*, talker: bool = True) -> dict:
 
 
 def strengthen_token2wav_(token2wav: nn.Module, seed: int) -> None:
-    """Token2Wav on top of strengthen_: every path matters, nothing diverges.
-
-    DiT: matrices N(0, 1/fan_in) except embeddings (N(0, 1)); the AdaLN-Zero modulation (whose zero init would make
-    every block the identity) is drawn so its gates are ~DIT_GATE_SCALE. Vocoder: SnakeBeta away from identity,
-    each upsampling stage and the output conv scaled so the wave is O(0.3)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in token2wav.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("codec_embed.weight"):
-                p.copy_(noise)
-            elif name.endswith((".alpha", ".beta")):
-                p.copy_(0.3 * noise)
-            elif p.dim() >= 2:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            else:
-                p.copy_(1.0 + 0.1 * noise)
-        dit = token2wav.code2wav_dit_model
-        for block in dit.transformer_blocks:
-            block.attn_norm.linear.weight.mul_(DIT_GATE_SCALE)
-        dit.norm_out.linear.weight.mul_(DIT_GATE_SCALE)
-        vocoder = token2wav.code2wav_bigvgan_model
-        for up in vocoder.ups:
-            up[0].weight.mul_(VOCODER_STAGE_GAIN)
-        vocoder.conv_post.weight.mul_(VOCODER_OUTPUT_GAIN)
+    """Token2Wav on top of strengthen_: every path matters, nothing diverges: the demo checkpoint's own recipe
+    (matrices N(0, 1/fan_in), embeddings N(0, 1), SnakeBeta away from identity, the DiT's AdaLN-Zero gates drawn at
+    ~0.3 instead of zero, each vocoder stage and the output conv scaled so the wave is O(0.3))."""
+    randomize_token2wav_(token2wav, seed)
 
 
 def codes_in_range_(model, config: dict) -> None:

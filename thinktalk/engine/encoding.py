@@ -33,16 +33,26 @@ class MediaRows:
     rows: torch.Tensor  # (n,) its placeholder rows, ascending
 
 
-def media_rows(prompt: PreparedPrompt, thinker: Thinker) -> list[MediaRows]:
-    """Every media item's placeholder rows, from the token ids and the items' token counts."""
-    cfg = thinker.cfg
-    ids = torch.tensor(prompt.token_ids, dtype=torch.long)
-    merge = cfg.vision.spatial_merge_size ** 2
+@dataclass(frozen=True)
+class PlaceholderIds:
+    """The prompt tokens a family's media items fill, and its vision merge (merge x merge patches a token)."""
+
+    audio: int
+    image: int
+    video: int
+    spatial_merge_size: int
+
+
+def media_rows(prompt: PreparedPrompt, ids: PlaceholderIds) -> list[MediaRows]:
+    """Every media item's placeholder rows, from the token ids and the items' token counts (the k-th item of a kind
+    fills the next rows of its placeholder token)."""
+    tokens = torch.tensor(prompt.token_ids, dtype=torch.long)
+    merge = ids.spatial_merge_size ** 2
     found = []
-    for kind, token, counts in (("audio", cfg.audio_token_id, [a.token_count for a in prompt.audios]),
-                                ("image", cfg.image_token_id, [_grid_tokens(i.grid_thw, merge) for i in prompt.images]),
-                                ("video", cfg.video_token_id, [_grid_tokens(v.grid_thw, merge) for v in prompt.videos])):
-        rows = (ids == token).nonzero().squeeze(1)
+    for kind, token, counts in (("audio", ids.audio, [a.token_count for a in prompt.audios]),
+                                ("image", ids.image, [_grid_tokens(i.grid_thw, merge) for i in prompt.images]),
+                                ("video", ids.video, [_grid_tokens(v.grid_thw, merge) for v in prompt.videos])):
+        rows = (tokens == token).nonzero().squeeze(1)
         if rows.numel() != sum(counts):
             raise PromptError(f"the prompt has {rows.numel()} {kind} placeholder tokens but its {kind} inputs need "
                               f"{sum(counts)}")
@@ -75,7 +85,9 @@ class PromptEncoding:
         self.ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             self.embeds = thinker.embed(self.ids).clone()
-        items = media_rows(prompt, thinker)
+        cfg = thinker.cfg
+        items = media_rows(prompt, PlaceholderIds(cfg.audio_token_id, cfg.image_token_id, cfg.video_token_id,
+                                                  cfg.vision.spatial_merge_size))
         self.cached = usable_prefix(cached, items)
         self.todo = [m for m in items if m.rows.numel() and int(m.rows[0]) >= self.cached]
         self.deepstack: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (rows, per-level features)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,17 +33,16 @@ import torch
 
 from ..config import SamplingConfig
 from ..config_qwen2_5 import Qwen25OmniConfig
-from ..errors import Cancelled, InputError
-from ..events import AudioChunk, Done, Event, Failed, GenerationResult, Started, TextDelta, Usage
+from ..errors import Cancelled
+from ..events import AudioChunk, Done, Event, GenerationResult, Started, TextDelta, Usage
 from ..layers.sampler import Sampler
 from ..models.qwen2_5.omni import Qwen25OmniModel
 from ..processing.multimodal import PreparedPrompt
 from .qwen2_5_speech import Qwen25SpeechPlan, Qwen25SpeechRun
 from .qwen2_5_thinker import Qwen25ThinkerRun
 from .scheduler import LOG_LENGTH, StepRecord
-from .stream import Phase
+from .stream import Cancellable, Phase, report_failure
 
-log = logging.getLogger("thinktalk.engine")
 
 
 @dataclass
@@ -62,7 +60,7 @@ class Qwen25StreamSpec:
 
 
 @dataclass
-class Qwen25Stream:
+class Qwen25Stream(Cancellable):
     spec: Qwen25StreamSpec
     id: int = 0
     phase: Phase = Phase.WAITING
@@ -76,18 +74,6 @@ class Qwen25Stream:
     silent: bool = False  # a spoken reply that ended before the talker could start (no reply part)
     error: BaseException | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
-
-    def cancel(self) -> None:
-        """Safe from any thread: the scheduler drops the stream at its next iteration."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.spec.prompt.token_ids)
 
     @property
     def speaking(self) -> bool:
@@ -243,11 +229,7 @@ class Qwen25Scheduler:
         stream.spec.sink(Done(result))
 
     def _fail(self, stream: Qwen25Stream, error: BaseException) -> None:
-        if not isinstance(error, InputError):
-            log.error("stream %d failed inside the engine", stream.id, exc_info=error)
-        stream.error = error
-        self._release(stream)
-        stream.spec.sink(Failed(error))
+        report_failure(stream, error, self._release)
 
     def _release(self, stream: Qwen25Stream) -> None:
         stream.thinker = stream.sampler = stream.speech = None  # their caches go with them

@@ -15,7 +15,6 @@ prompt) and `token_embeds` (the prompt's embeddings with media rows zeroed, as t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -25,36 +24,7 @@ from ..models.qwen2_5.thinker import Qwen25Thinker
 from ..processing.multimodal import PreparedPrompt
 from ..processing.prompt import PromptError
 from ..processing.qwen2_5_positions import qwen2_5_rope_positions
-
-
-@dataclass(frozen=True)
-class MediaItem:
-    kind: str  # "audio", "image", "video"
-    index: int  # among its kind, in prompt order
-    rows: torch.Tensor  # (n,) its placeholder rows
-
-
-def media_items(prompt: PreparedPrompt, thinker: Qwen25Thinker) -> list[MediaItem]:
-    """Every media item's placeholder rows (the k-th item of a kind fills the next rows of its pad token)."""
-    layout, merge = thinker.cfg.layout, thinker.cfg.layout.spatial_merge_size ** 2
-    ids = torch.tensor(prompt.token_ids, dtype=torch.long)
-    found = []
-    for kind, token, counts in (("audio", layout.audio_token_id, [a.token_count for a in prompt.audios]),
-                                ("image", layout.image_token_id, [_tokens(i.grid_thw, merge) for i in prompt.images]),
-                                ("video", layout.video_token_id, [_tokens(v.grid_thw, merge) for v in prompt.videos])):
-        rows = (ids == token).nonzero().squeeze(1)
-        if rows.numel() != sum(counts):
-            raise PromptError(f"the prompt has {rows.numel()} {kind} placeholder tokens but its {kind} inputs need "
-                              f"{sum(counts)}")
-        start = 0
-        for index, count in enumerate(counts):
-            found.append(MediaItem(kind, index, rows[start:start + count]))
-            start += count
-    return found
-
-
-def _tokens(grid: tuple[int, int, int], merge: int) -> int:
-    return grid[0] * grid[1] * grid[2] // merge
+from .encoding import PlaceholderIds, media_rows
 
 
 class Qwen25ThinkerRun:
@@ -64,7 +34,9 @@ class Qwen25ThinkerRun:
         weight = thinker.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=self.device)
-        self.todo = media_items(prompt, thinker)
+        layout = thinker.cfg.layout
+        self.todo = media_rows(prompt, PlaceholderIds(layout.audio_token_id, layout.image_token_id,
+                                                      layout.video_token_id, layout.spatial_merge_size))
         media = torch.zeros(self.ids.numel(), dtype=torch.bool, device=self.device)
         for item in self.todo:
             media[item.rows.to(self.device)] = True

@@ -23,24 +23,22 @@ Not thread-safe but for `submit` and `Stream.cancel`: one thread iterates.
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 from dataclasses import dataclass
 
 from ..config import OmniConfig
-from ..errors import Cancelled, InputError
-from ..events import Failed, Started, TextDelta, TokenLogprob
+from ..errors import Cancelled
+from ..events import Started, TextDelta, TokenLogprob
 from ..layers.sampler import SampledLogprobs, Sampler
 from ..models.omni import OmniModel
 from .encoding import PromptEncoding
 from .graphs import StepMode
 from .prefix_cache import PrefixCache
 from .speech import Speaker
-from .stream import Phase, Stream, StreamSpec, ThinkerSide
+from .stream import Phase, Stream, StreamSpec, ThinkerSide, report_failure
 from .thinker_batch import DEFAULT_MAX_LEN, PrivateRows, ThinkerBatch
 from .thinker_runner import PREFILL_CHUNK
 
-log = logging.getLogger("thinktalk.engine")
 LOG_LENGTH = 4096  # step records kept (a bounded window: tests and benchmarks read the recent ones)
 
 
@@ -305,11 +303,7 @@ class Scheduler:
             self._release(stream)
 
     def _fail(self, stream: Stream, error: BaseException) -> None:
-        if not isinstance(error, InputError):
-            log.error("stream %d failed inside the engine", stream.id, exc_info=error)
-        stream.error = error
-        self._release(stream)
-        stream.spec.sink(Failed(error))
+        report_failure(stream, error, self._release)
 
     def _release(self, stream: Stream) -> None:
         """Frees whatever the stream holds; it leaves every queue."""

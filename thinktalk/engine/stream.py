@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from ..config import SamplingConfig
-from ..events import Event, TokenLogprob
+from ..errors import InputError
+from ..events import Event, Failed, TokenLogprob
 from ..layers.sampler import Sampler, TokenConstraint
 from ..models.code2wav import Code2WavStream
 from ..processing.multimodal import PreparedPrompt
@@ -32,6 +34,8 @@ from .prefix_cache import PrefixEntry
 from .talker_session import TalkerSamplers, TalkerSession
 from .thinker_batch import ThinkerBatch
 from .thinker_runner import PrefillInputs
+
+log = logging.getLogger("thinktalk.engine")
 
 _ids = itertools.count(1)
 
@@ -110,15 +114,11 @@ class SpeechSide:
     finish_reason: str | None = None
 
 
-class Stream:
-    def __init__(self, spec: StreamSpec):
-        self.id = next(_ids)
-        self.spec = spec
-        self.phase = Phase.WAITING
-        self.thinker = ThinkerSide()
-        self.speech = SpeechSide(spec.speech) if spec.speech is not None else None
-        self._cancel = threading.Event()
-        self.error: BaseException | None = None
+class Cancellable:
+    """A stream's cancel flag and prompt size, shared by both families' streams (each sets `_cancel`, a
+    threading.Event, and `spec`, whose `prompt` is the PreparedPrompt)."""
+
+    _cancel: threading.Event
 
     def cancel(self) -> None:
         """Safe from any thread: the scheduler frees the stream's rows and caches at its next iteration."""
@@ -131,6 +131,27 @@ class Stream:
     @property
     def prompt_tokens(self) -> int:
         return len(self.spec.prompt.token_ids)
+
+
+def report_failure(stream, error: BaseException, release: Callable[[object], None]) -> None:
+    """A stream's end by error: an engine bug (anything but an InputError) is logged with its traceback; the
+    stream's holdings are released before its consumer hears of it."""
+    if not isinstance(error, InputError):
+        log.error("stream %d failed inside the engine", stream.id, exc_info=error)
+    stream.error = error
+    release(stream)
+    stream.spec.sink(Failed(error))
+
+
+class Stream(Cancellable):
+    def __init__(self, spec: StreamSpec):
+        self.id = next(_ids)
+        self.spec = spec
+        self.phase = Phase.WAITING
+        self.thinker = ThinkerSide()
+        self.speech = SpeechSide(spec.speech) if spec.speech is not None else None
+        self._cancel = threading.Event()
+        self.error: BaseException | None = None
 
     @property
     def finished(self) -> bool:
