@@ -20,10 +20,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config_encoders import AudioEncoderConfig, VisionEncoderConfig, parse_audio_config, parse_vision_config
 from .config_reader import ConfigError, FieldReader
-from .layers.activation import ACTIVATIONS
+from .config_sampling import (DEFAULT_TALKER_SAMPLING, DEFAULT_THINKER_SAMPLING, SamplingConfig,
+                              code_predictor_sampling, parse_sampling)
 
-__all__ = ["ConfigError", "OmniConfig", "load_config", "parse_config"]
+__all__ = ["AudioEncoderConfig", "ConfigError", "OmniConfig", "SamplingConfig", "VisionEncoderConfig",
+           "code_predictor_sampling", "load_config", "parse_config"]
 
 MODEL_TYPE = "qwen3_omni_moe"
 
@@ -151,97 +154,6 @@ def _parse_decoder(f: FieldReader, *, mrope: bool, experts_key: str = "num_exper
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Encoders
-
-
-@dataclass(frozen=True)
-class AudioEncoderConfig:
-    num_mel_bins: int
-    d_model: int
-    num_layers: int
-    num_heads: int
-    ffn_dim: int
-    downsample_hidden_size: int
-    output_dim: int
-    n_window: int  # half a chunk in mel frames: chunks are 2 * n_window frames (1 s)
-    n_window_infer: int  # attention window in mel frames
-    conv_chunksize: int
-    max_source_positions: int
-    activation: str = "gelu"
-
-
-@dataclass(frozen=True)
-class VisionEncoderConfig:
-    depth: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    in_channels: int
-    patch_size: int
-    temporal_patch_size: int
-    spatial_merge_size: int
-    out_hidden_size: int
-    num_position_embeddings: int
-    deepstack_visual_indexes: tuple[int, ...]
-    hidden_act: str = "gelu_pytorch_tanh"
-
-
-def _activation(f: FieldReader, name: str, default: str) -> str:
-    """An encoder's activation, one of those layers/activation.py computes."""
-    act = f.str(name, default)
-    if act not in ACTIVATIONS:
-        raise f.fail(name, f"must be one of {', '.join(sorted(ACTIVATIONS))}, got {act!r}")
-    return act
-
-
-def _parse_audio(f: FieldReader) -> AudioEncoderConfig:
-    d_model, heads = f.int("d_model", minimum=1), f.int("encoder_attention_heads", minimum=1)
-    if d_model % heads:
-        raise f.fail("encoder_attention_heads", f"({heads}) must divide d_model ({d_model})")
-    return AudioEncoderConfig(
-        num_mel_bins=f.int("num_mel_bins", minimum=1),
-        d_model=d_model,
-        num_layers=f.int("encoder_layers", minimum=1),
-        num_heads=heads,
-        ffn_dim=f.int("encoder_ffn_dim", minimum=1),
-        downsample_hidden_size=f.int("downsample_hidden_size", minimum=1),
-        output_dim=f.int("output_dim", minimum=1),
-        n_window=f.int("n_window", minimum=1),
-        n_window_infer=f.int("n_window_infer", minimum=1),
-        conv_chunksize=f.int("conv_chunksize", 500, minimum=1),
-        max_source_positions=f.int("max_source_positions", minimum=1),
-        activation=_activation(f, "activation_function", "gelu"),
-    )
-
-
-def _parse_vision(f: FieldReader) -> VisionEncoderConfig:
-    hidden, heads = f.int("hidden_size", minimum=1), f.int("num_heads", minimum=1)
-    if hidden % heads:
-        raise f.fail("num_heads", f"({heads}) must divide hidden_size ({hidden})")
-    depth = f.int("depth", minimum=1)
-    deepstack = f.ints("deepstack_visual_indexes", ())
-    if any(not 0 <= i < depth for i in deepstack):
-        raise f.fail("deepstack_visual_indexes", f"must lie in [0, depth={depth}), got {deepstack}")
-    positions = f.int("num_position_embeddings", minimum=1)
-    if math.isqrt(positions) ** 2 != positions:
-        raise f.fail("num_position_embeddings", f"must be a square number (a 2-D grid), got {positions}")
-    return VisionEncoderConfig(
-        depth=depth,
-        hidden_size=hidden,
-        intermediate_size=f.int("intermediate_size", minimum=1),
-        num_heads=heads,
-        in_channels=f.int("in_channels", 3, minimum=1),
-        patch_size=f.int("patch_size", minimum=1),
-        temporal_patch_size=f.int("temporal_patch_size", minimum=1),
-        spatial_merge_size=f.int("spatial_merge_size", minimum=1),
-        out_hidden_size=f.int("out_hidden_size", minimum=1),
-        num_position_embeddings=positions,
-        deepstack_visual_indexes=deepstack,
-        hidden_act=_activation(f, "hidden_act", "gelu_pytorch_tanh"),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Thinker, talker, code2wav
 
 
@@ -263,8 +175,8 @@ class ThinkerConfig:
 
 def _parse_thinker(f: FieldReader) -> ThinkerConfig:
     text = _parse_decoder(f.sub("text_config"), mrope=True)
-    audio = _parse_audio(f.sub("audio_config"))
-    vision = _parse_vision(f.sub("vision_config"))
+    audio = parse_audio_config(f.sub("audio_config"))
+    vision = parse_vision_config(f.sub("vision_config"))
     for name, width in (("audio_config.output_dim", audio.output_dim), ("vision_config.out_hidden_size",
                                                                           vision.out_hidden_size)):
         if width != text.hidden_size:
@@ -397,74 +309,6 @@ def _parse_code2wav(f: FieldReader) -> Code2WavConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling defaults
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Sampling settings; `do_sample=False` is greedy and ignores the rest."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 1024
-
-    def __post_init__(self):
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-
-# The reference's defaults when a checkpoint ships no generation_config.json (see REFERENCE.md): the thinker
-# decodes greedily up to 1,024 tokens; the talker samples (top_k 50, temperature 0.9, repetition penalty 1.05).
-DEFAULT_THINKER_SAMPLING = SamplingConfig(max_new_tokens=1024)
-DEFAULT_TALKER_SAMPLING = SamplingConfig(
-    do_sample=True, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05, max_new_tokens=4096
-)
-
-
-# The reference hard-codes its code predictor's sampling: it follows the talker's do_sample, draws with top_k 50 and
-# top_p 0.8 at temperature 1, and applies no repetition penalty.
-CODE_PREDICTOR_TOP_K = 50
-CODE_PREDICTOR_TOP_P = 0.8
-
-
-def code_predictor_sampling(talker: SamplingConfig) -> SamplingConfig:
-    return SamplingConfig(do_sample=talker.do_sample, temperature=1.0, top_k=CODE_PREDICTOR_TOP_K,
-                          top_p=CODE_PREDICTOR_TOP_P, repetition_penalty=1.0, max_new_tokens=1)
-
-
-def _parse_sampling(f: FieldReader, base: SamplingConfig, prefix: str = "") -> SamplingConfig:
-    def pick(name, reader):
-        key = prefix + name
-        return reader(key) if f.has(key) else getattr(base, name)
-
-    # Type errors are raised by the readers (already naming file and key); range errors by SamplingConfig, whose
-    # messages start with the bare field name, so the key's prefix (e.g. talker_) is added back here.
-    values = dict(
-        do_sample=pick("do_sample", f.bool),
-        temperature=pick("temperature", f.float),
-        top_k=pick("top_k", f.int),
-        top_p=pick("top_p", f.float),
-        repetition_penalty=pick("repetition_penalty", f.float),
-        max_new_tokens=pick("max_new_tokens", f.int),
-    )
-    try:
-        return SamplingConfig(**values)
-    except ValueError as error:
-        raise ConfigError(f"{f.file}: {prefix}{error}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The whole checkpoint
 
 
@@ -546,7 +390,7 @@ def parse_generation(generation: dict | None, generation_file: Path | str, im_en
     if not isinstance(eos, list) or not all(isinstance(e, int) for e in eos):
         raise g.fail("eos_token_id", f"must be an id or a list of ids, got {eos!r}")
     stops = [im_end] + [e for e in eos if e != im_end]
-    return (_parse_sampling(g, DEFAULT_THINKER_SAMPLING), _parse_sampling(g, talker_default, prefix="talker_"),
+    return (parse_sampling(g, DEFAULT_THINKER_SAMPLING), parse_sampling(g, talker_default, prefix="talker_"),
             tuple(dict.fromkeys(stops)))
 
 
