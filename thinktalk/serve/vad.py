@@ -16,6 +16,7 @@ commits the turn. `InputBuffer` keeps the socket's uncommitted audio and cuts th
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 from collections.abc import Callable
@@ -63,7 +64,7 @@ class SpeechStopped:
     sample: int  # index just past the last speech frame
 
 
-class FrameVad:
+class FrameVad(abc.ABC):
     """Feed float32 mono samples at `sample_rate`; get SpeechStarted / SpeechStopped events in order. Subclasses
     score frames (`_scores`: one score per whole frame fed, and each frame's end sample); this class holds the
     hysteresis: start at a score >= `start_level`, keep speaking while >= `keep_level`."""
@@ -84,12 +85,13 @@ class FrameVad:
         self.last_speech_end = 0
         self.quiet = 0
 
+    @abc.abstractmethod
     def frame_end(self, frame: int) -> int:
         """The sample just past frame `frame` (counted since the reset)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _scores(self, samples: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """One score per whole frame in `samples` (a partial frame waits for the next call)."""
 
     def feed(self, samples: np.ndarray) -> list[SpeechStarted | SpeechStopped]:
         events: list[SpeechStarted | SpeechStopped] = []
