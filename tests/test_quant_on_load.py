@@ -13,6 +13,7 @@ from thinktalk import Omni
 from thinktalk.cli import main
 from thinktalk.config import parse_config
 from thinktalk.quant import QuantizeOnLoad
+from thinktalk.quant.spec import DEFAULT_QUANTIZED_MODULES
 from thinktalk.quant.modules import QuantExperts, QuantLinear
 from thinktalk.quant.sizes import model_bytes
 
@@ -94,6 +95,15 @@ def test_module_selection_is_the_users_to_change(tiny):
     assert sorted({name.rsplit(".", 1)[-1] for name in omni.quantization.chosen}) == ["k_proj", "o_proj", "q_proj",
                                                                                       "v_proj"]
     assert not any(isinstance(m, QuantExperts) for m in omni.model.modules())
+
+
+def test_the_lm_head_is_quantized_when_the_user_adds_it(tiny, reference_top1):
+    with_head = QuantizeOnLoad("int8", modules=DEFAULT_QUANTIZED_MODULES + (r"thinker\.lm_head",))
+    omni = Omni.from_pretrained(tiny.path, device="cpu", dtype="float32", audio_output=False, quantize=with_head)
+    assert isinstance(omni.model.thinker.lm_head, QuantLinear) and "thinker.lm_head" in omni.quantization.chosen
+    default = Omni.from_pretrained(tiny.path, device="cpu", dtype="float32", audio_output=False, quantize="int8")
+    assert not isinstance(default.model.thinker.lm_head, QuantLinear)  # the documented default keeps it
+    assert top1_agreement(omni, *reference_top1) > 0.5, "a quantized lm_head far below what rounding explains"
 
 
 def test_speech_runs_with_a_quantized_talker(tiny):
