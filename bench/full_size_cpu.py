@@ -1,6 +1,7 @@
 """The released Qwen3-Omni-30B-A3B-Instruct at full size on this CPU machine, in int4: the first full-size figures.
 
     python bench/full_size_cpu.py [--threads 2] [--prompt 256] [--new-tokens 16] [--batches 1 4] [--speech]
+                                  [--lm-head]
 
 Builds the Instruct thinker from the released config.json (tests/data/) with random int4 weights drawn directly in
 their packed form (thinktalk/random_weights.py: never a float copy; the bf16 model would be 66 GiB on a 24 GiB
@@ -40,10 +41,12 @@ from thinktalk.processing.audio import AudioFeatureConfig  # noqa: E402
 from thinktalk.processing.multimodal import MediaOptions  # noqa: E402
 from thinktalk.processing.tokenizer import Tokenizer, build_qwen_tokenizer_files  # noqa: E402
 from thinktalk.processing.vision import VisionProcessorConfig  # noqa: E402
+from thinktalk.quant.spec import DEFAULT_QUANTIZED_MODULES, QuantizeOnLoad  # noqa: E402
 from thinktalk.random_weights import random_model  # noqa: E402
 
 SEED = 0
 GIB = 2**30
+LM_HEAD = r"thinker\.lm_head"  # --lm-head: added to the default quantized modules
 PASSAGE = ("The thinker reads the prompt and writes the reply while the talker turns it into speech, frame by "
            "frame, so the first audio arrives long before the text is finished. ")
 
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--audio-seconds", type=float, default=5.0)
     parser.add_argument("--speech", action="store_true", help="also build the talker and Code2Wav (20.5 GiB)")
     parser.add_argument("--frames", type=int, default=25, help="codec frames of the spoken reply (12.5 per second)")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="quantize the thinker's lm_head too (opt-in; the default keeps it in bf16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     read, copy = read_bandwidth(), copy_bandwidth()
@@ -116,10 +121,12 @@ def main() -> None:
           f"(best of 5 over 1 GiB); command: {' '.join([sys.executable, *sys.argv])}")
     config = full_config_dict()
     start = time.perf_counter()
-    model = random_model(config, "cpu", torch.bfloat16, SEED, audio_output=args.speech, quantize="int4")
+    quantize = QuantizeOnLoad("int4", modules=DEFAULT_QUANTIZED_MODULES + (LM_HEAD,)) if args.lm_head else "int4"
+    model = random_model(config, "cpu", torch.bfloat16, SEED, audio_output=args.speech, quantize=quantize)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"built the full-size {'Instruct (thinker + talker + code2wav)' if args.speech else 'thinker'} in int4 "
-          f"(attention and experts; the rest bf16): {weights / GIB:.2f} GiB of weights in "
+          f"(attention and experts{', lm_head' if args.lm_head else ''}; the rest bf16): {weights / GIB:.2f} GiB of "
+          f"weights in "
           f"{time.perf_counter() - start:.0f} s; peak RSS {peak_rss():.2f} GiB")
     tokenizer_dir = build_qwen_tokenizer_files(Path(tempfile.mkdtemp()) / "qwen")
     omni = Omni(parse_config(config), model, Tokenizer.from_dir(tokenizer_dir), tokenizer_dir,
