@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import io
 import struct
-import wave
 import zlib
 
 import numpy as np
-from media import noise_image, tone, write_video
+from media import noise_image, tone, wav_bytes, write_video
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LATE_BOMB_SIDE = 20_000  # 400 M pixels: past Pillow's own limit (2 x 89 M), known only when the icon is decoded
@@ -115,16 +114,6 @@ def wav_with_header(rate: int, seconds_of_data: float = 0.1, channels: int = 1, 
     fmt = struct.pack("<HHIIHH", 1, channels, rate, (rate * block) & 0xFFFFFFFF, block, 16)
     return b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + b"data" + \
         struct.pack("<I", len(data)) + data
-
-
-def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((tone(seconds, rate) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
 
 
 AUDIO = {

@@ -6,7 +6,6 @@ WebSocket client; the page in headless Chromium (skipped when it is not installe
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 import urllib.request
@@ -20,7 +19,7 @@ pytest.importorskip("websockets")
 from websockets.exceptions import InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from test_serve_page import CHROMIUM, FLAGS, DevTools  # noqa: E402
+from test_serve_page import CHROMIUM, chromium_page  # noqa: E402
 from thinktalk import Omni  # noqa: E402
 from thinktalk.serve.app import create_app  # noqa: E402
 from thinktalk.serve.realtime import DEMO_CONFIG, is_demo_checkpoint  # noqa: E402
@@ -71,41 +70,26 @@ def test_the_demo_checkpoint_is_recognised_by_its_config(tmp_path):
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed at /usr/bin/chromium "
                     "(apt-get install -y chromium)")
 def test_the_page_asks_for_the_key_keeps_it_for_the_tab_and_connects(server, tmp_path):
-    profile = tmp_path / "profile"
-    browser = subprocess.Popen([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and port_file.read_text().count("\n") >= 1) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        port = int(port_file.read_text().splitlines()[0])
-        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
-        target = next(t for t in targets if t["type"] == "page")
-        with connect(target["webSocketDebuggerUrl"], max_size=64 * 2**20) as socket:
-            page = DevTools(socket)
-            page.call("Page.enable")
-            page.call("Page.navigate", url=f"http://{server}/")
-            page.wait_for("document.body && document.body.dataset.state === 'key'", timeout=30)
-            assert page.evaluate("!document.getElementById('keyform').hidden")
-            assert page.evaluate("document.getElementById('model').textContent") == SERVED
-            assert page.evaluate("document.body.dataset.randomWeights") == "false"
-            page.evaluate(f"document.getElementById('key').value = 'wrong';"
-                          "document.getElementById('keyform').requestSubmit()")
-            page.wait_for("document.getElementById('status').textContent.includes('refused')", timeout=30)
-            page.evaluate(f"document.getElementById('key').value = '{KEY}';"
-                          "document.getElementById('keyform').requestSubmit()")
-            page.wait_for("document.body.dataset.state === 'ready' && "
-                          "document.getElementById('voice').options.length > 0", timeout=30)
-            assert page.evaluate("sessionStorage.getItem('thinktalk-api-key')") == KEY
-            page.call("Page.reload")  # the same tab: connects with the kept key, no question
-            page.wait_for("document.body && document.body.dataset.state === 'ready'", timeout=30)
-            assert page.evaluate("document.getElementById('keyform').hidden")
-            page.evaluate("document.getElementById('speak').checked = false;"
-                          "document.getElementById('speak').dispatchEvent(new Event('change'));"
-                          "document.getElementById('text').value = 'Hi'; document.getElementById('send').click()")
-            page.wait_for("document.body.dataset.responsesDone === '1'", timeout=120)
-            assert page.dataset()["lastStatus"] == "completed"
-    finally:
-        browser.terminate()
-        browser.wait(timeout=30)
+    with chromium_page(tmp_path / "profile") as page:
+        page.call("Page.navigate", url=f"http://{server}/")
+        page.wait_for("document.body && document.body.dataset.state === 'key'", timeout=30)
+        assert page.evaluate("!document.getElementById('keyform').hidden")
+        assert page.evaluate("document.getElementById('model').textContent") == SERVED
+        assert page.evaluate("document.body.dataset.randomWeights") == "false"
+        page.evaluate(f"document.getElementById('key').value = 'wrong';"
+                      "document.getElementById('keyform').requestSubmit()")
+        page.wait_for("document.getElementById('status').textContent.includes('refused')", timeout=30)
+        page.evaluate(f"document.getElementById('key').value = '{KEY}';"
+                      "document.getElementById('keyform').requestSubmit()")
+        page.wait_for("document.body.dataset.state === 'ready' && "
+                      "document.getElementById('voice').options.length > 0", timeout=30)
+        assert page.evaluate("sessionStorage.getItem('thinktalk-api-key')") == KEY
+        page.call("Page.reload")  # the same tab: connects with the kept key, no question
+        page.wait_for("document.body && document.body.dataset.state === 'ready'", timeout=30)
+        assert page.evaluate("document.getElementById('keyform').hidden")
+        page.evaluate("document.getElementById('speak').checked = false;"
+                      "document.getElementById('speak').dispatchEvent(new Event('change'));"
+                      "document.getElementById('text').value = 'Hi'; document.getElementById('send').click()")
+        page.wait_for("document.body.dataset.responsesDone === '1'", timeout=120)
+        assert page.dataset()["lastStatus"] == "completed"
+

@@ -5,6 +5,7 @@ played reply. Skips when Chromium is not installed (/usr/bin/chromium)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import threading
 import time
 import urllib.request
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,12 +96,10 @@ def server(tiny):
     thread.join(timeout=30)
 
 
-@pytest.fixture
-def page(server, tmp_path):
-    profile = tmp_path / "profile"
-    microphone = write_speech_wav(tmp_path / "microphone.wav")  # server VAD (Silero) answers speech, not beeps
-    browser = subprocess.Popen([str(CHROMIUM), *FLAGS, f"--use-file-for-fake-audio-capture={microphone}",
-                                f"--user-data-dir={profile}", "about:blank"],
+@contextlib.contextmanager
+def chromium_page(profile: Path, *flags: str) -> Iterator[DevTools]:
+    """Headless Chromium with a fresh profile, and a DevTools client for its one page (about:blank)."""
+    browser = subprocess.Popen([str(CHROMIUM), *FLAGS, *flags, f"--user-data-dir={profile}", "about:blank"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = profile / "DevToolsActivePort"
@@ -112,13 +112,20 @@ def page(server, tmp_path):
         with connect(target["webSocketDebuggerUrl"], max_size=64 * 2**20) as socket:
             tools = DevTools(socket)
             tools.call("Page.enable")
-            tools.call("Page.navigate", url=server + "/")
-            tools.wait_for("document.body && document.body.dataset.state === 'ready' && "
-                           "document.getElementById('voice').options.length > 0", timeout=30)
             yield tools
     finally:
         browser.terminate()
         browser.wait(timeout=30)
+
+
+@pytest.fixture
+def page(server, tmp_path):
+    microphone = write_speech_wav(tmp_path / "microphone.wav")  # server VAD (Silero) answers speech, not beeps
+    with chromium_page(tmp_path / "profile", f"--use-file-for-fake-audio-capture={microphone}") as tools:
+        tools.call("Page.navigate", url=server + "/")
+        tools.wait_for("document.body && document.body.dataset.state === 'ready' && "
+                       "document.getElementById('voice').options.length > 0", timeout=30)
+        yield tools
 
 
 def write_speech_wav(path: Path) -> Path:
